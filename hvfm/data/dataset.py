@@ -1,0 +1,197 @@
+"""Dataset, sampler, collate and loader: annotations in, model-ready batches out.
+
+Determinism: every random choice of a sample (frames, crop, flip, a replacement for a bad file)
+comes from a numpy Generator seeded by (seed, epoch, index), and the MLM masks of a batch from a
+generator seeded by (seed, epoch, the batch's indices). A batch is therefore the same whatever the
+number of workers, and a resumed run sees exactly the samples it would have seen.
+
+Bad files: a sample whose video cannot be decoded is replaced by another random sample, up to
+`max_retries` times; each failure travels with the batch so the main process counts every skip and
+logs each bad file once (workers are separate processes: counts kept there would be lost).
+"""
+from __future__ import annotations
+
+import logging
+import math
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from .decode import DecodeError, decode_clip
+from .errors import DataError
+from .text import MAX_LENGTH, MLMMasker, swap_left_right, tokenize
+from .transforms import VideoTransform
+
+log = logging.getLogger("hvfm.data")
+
+
+def _rng(*key):
+    return np.random.default_rng(np.random.SeedSequence([int(k) & 0xFFFFFFFF for k in key]))
+
+
+class VideoTextDataset(Dataset):
+    """(video, caption) pairs of an `Annotations`. Items are requested as (index, epoch)."""
+
+    def __init__(self, ann, frames=8, size=224, train=True, seed=0, max_retries=10,
+                 decoder="auto", hflip=0.5, swap_lr_on_flip=True, min_frames=1):
+        self.ann, self.frames, self.size, self.train = ann, frames, size, train
+        self.seed, self.max_retries, self.decoder = seed, max_retries, decoder
+        self.min_frames, self.swap_lr_on_flip = min_frames, swap_lr_on_flip
+        self.transform = VideoTransform(size, train, hflip=hflip if train else 0.0)
+
+    def __len__(self):
+        return len(self.ann)
+
+    def _load(self, pair, rng):
+        video = int(self.ann.pair_video[pair])
+        path = self.ann.resolve(video)
+        frames, _ = decode_clip(path, self.frames, self.train, rng, short_side=self.size,
+                                decoder=self.decoder)
+        if len(frames) < self.min_frames:
+            raise DecodeError(path, f"{len(frames)} frame(s), fewer than the {self.min_frames} required")
+        pixels, flipped = self.transform(frames, rng)
+        caption = self.ann.pair_caption[pair]
+        if flipped and self.swap_lr_on_flip:
+            caption = swap_left_right(caption)
+        return pixels, caption
+
+    def __getitem__(self, item):
+        index, epoch = item if isinstance(item, tuple) else (item, 0)
+        rng = _rng(self.seed, epoch, index)
+        failures, pair = [], index
+        for _ in range(self.max_retries + 1):
+            try:
+                pixels, caption = self._load(pair, rng)
+                return {"pixels": pixels, "caption": caption, "index": pair, "epoch": epoch,
+                        "failures": failures}
+            except DecodeError as e:
+                failures.append((e.path, e.reason))
+                pair = int(rng.integers(len(self.ann)))
+        listed = "; ".join(f"{p} ({r})" for p, r in failures[-5:])
+        raise DataError(f"{self.ann.source}: {len(failures)} samples in a row failed to decode, "
+                        f"last: {listed}; check --video-root and the video files")
+
+
+class ResumableDistributedSampler(Sampler):
+    """Shards a (shuffled) permutation across ranks like DistributedSampler, yields (index, epoch)
+    and can start mid-epoch (`start`, in samples of this rank) for exact resumption."""
+
+    def __init__(self, n, num_replicas=1, rank=0, shuffle=True, seed=0, drop_last=False):
+        if n == 0:
+            raise DataError("the dataset is empty: no samples to draw")
+        self.n, self.num_replicas, self.rank = n, num_replicas, rank
+        self.shuffle, self.seed, self.drop_last = shuffle, seed, drop_last
+        self.epoch, self.start = 0, 0
+        per_rank = n // num_replicas if drop_last else math.ceil(n / num_replicas)
+        self.num_samples = per_rank
+
+    def set_epoch(self, epoch, start=0):
+        self.epoch, self.start = epoch, start
+
+    def __len__(self):
+        return self.num_samples - self.start
+
+    def indices(self):
+        if self.shuffle:
+            order = _rng(self.seed, self.epoch, 0xC0FFEE).permutation(self.n)
+        else:
+            order = np.arange(self.n)
+        total = self.num_samples * self.num_replicas
+        if total > self.n:  # pad by wrapping so every rank gets the same count
+            order = np.concatenate([order, np.resize(order, total - self.n)])
+        return order[:total][self.rank::self.num_replicas]
+
+    def __iter__(self):
+        for i in self.indices()[self.start:]:
+            yield int(i), self.epoch
+
+
+class Collator:
+    """Stacks samples (zero-pads frames to the longest clip), tokenises captions, masks for MLM."""
+
+    def __init__(self, tokenizer, mask_ratio=0.5, max_length=MAX_LENGTH, seed=0):
+        self.tokenizer, self.max_length, self.seed = tokenizer, max_length, seed
+        self.masker = MLMMasker(tokenizer, mask_ratio)
+
+    def __call__(self, samples):
+        t_max = max(s["pixels"].shape[0] for s in samples)
+        c, h, w = samples[0]["pixels"].shape[1:]
+        pixels = torch.zeros(len(samples), t_max, c, h, w)
+        for i, s in enumerate(samples):
+            pixels[i, : s["pixels"].shape[0]] = s["pixels"]
+        captions = [s["caption"] for s in samples]
+        ids, attn, special = tokenize(self.tokenizer, captions, self.max_length)
+        index = torch.tensor([s["index"] for s in samples], dtype=torch.int64)
+        key = _rng(self.seed, samples[0]["epoch"], *index.tolist()).integers(2**62)
+        gen = torch.Generator().manual_seed(int(key))
+        mlm_ids, mlm_labels = self.masker(ids, attn, special, gen)
+        failures = [f for s in samples for f in s["failures"]]
+        return {
+            "pixels": pixels,
+            "num_frames": torch.tensor([s["pixels"].shape[0] for s in samples], dtype=torch.int64),
+            "input_ids": ids, "attention_mask": attn,
+            "mlm_input_ids": mlm_ids, "mlm_labels": mlm_labels,
+            "captions": captions, "index": index,
+            "failures": failures, "n_skipped": len(failures),
+        }
+
+
+def _worker_init(worker_id):
+    # Decoding and transforms are single-threaded per worker; many threads per worker oversubscribe.
+    torch.set_num_threads(1)
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    import random
+    random.seed(seed)
+
+
+class VideoTextLoader:
+    """Iterates a DataLoader, counting skipped samples and logging each bad file once."""
+
+    def __init__(self, dataset, sampler, loader):
+        self.dataset, self.sampler, self.loader = dataset, sampler, loader
+        self.skipped, self.bad_files = 0, {}
+        self.epoch, self.position = 0, 0  # samples of this rank consumed in `epoch`
+
+    def __len__(self):
+        return len(self.loader)
+
+    def set_epoch(self, epoch, start=0):
+        self.sampler.set_epoch(epoch, start)
+        self.epoch, self.position = epoch, start
+
+    def state_dict(self):
+        return {"epoch": self.epoch, "position": self.position, "skipped": self.skipped}
+
+    def load_state_dict(self, state):
+        self.set_epoch(state["epoch"], state["position"])
+        self.skipped = state["skipped"]
+
+    def __iter__(self):
+        for batch in self.loader:
+            self.position += len(batch["index"])
+            self.skipped += batch["n_skipped"]
+            for path, reason in batch["failures"]:
+                if path not in self.bad_files:
+                    self.bad_files[path] = reason
+                    log.warning("skipped %s: %s", path, reason)
+            yield batch
+
+
+def build_loader(ann, tokenizer, *, batch_size, frames=8, size=224, train=True, seed=0,
+                 num_workers=2, mask_ratio=0.5, rank=0, world_size=1, timeout=120.0,
+                 decoder="auto", max_retries=10, drop_last=None, pin_memory=False, max_length=MAX_LENGTH):
+    """A `VideoTextLoader` over `ann` for one rank. Training shuffles and drops the last partial
+    batch; evaluation keeps order and everything."""
+    dataset = VideoTextDataset(ann, frames, size, train, seed, max_retries, decoder)
+    sampler = ResumableDistributedSampler(len(dataset), world_size, rank, shuffle=train, seed=seed,
+                                          drop_last=False)
+    loader = DataLoader(
+        dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+        collate_fn=Collator(tokenizer, mask_ratio, max_length, seed),
+        drop_last=train if drop_last is None else drop_last, pin_memory=pin_memory,
+        worker_init_fn=_worker_init if num_workers else None,
+        timeout=timeout if num_workers else 0, persistent_workers=num_workers > 0,
+        prefetch_factor=2 if num_workers else None)
+    return VideoTextLoader(dataset, sampler, loader)

@@ -1,0 +1,167 @@
+"""Decoding F frames of a clip: decord first (one thread, resize on decode), PyAV as fallback.
+
+Frame sampling splits the clip into F equal segments and takes a random frame of each segment when
+training, the middle frame when evaluating. A clip with fewer than F frames gives all its frames
+(the caller sees fewer frames). Every way a file can be bad -- missing, empty, truncated, garbage,
+not a video, zero frames, a decoder exception -- becomes one `DecodeError` with a short reason, so
+the dataset can count it and move on. decord raises RuntimeError, its own DECORDError, IndexError
+and AssertionError; PyAV raises its own errors: all are caught here.
+
+A decoder that hangs cannot be interrupted from inside the process; the loader's `timeout` bounds
+how long training waits for a worker.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+try:
+    import decord
+    decord.logging.set_level(decord.logging.QUIET)
+except ImportError:  # decord has wheels for Linux x86-64 only
+    decord = None
+try:
+    import av
+    av.logging.set_level(av.logging.PANIC)
+except ImportError:
+    av = None
+
+DECODERS = ("auto", "decord", "pyav")
+
+
+class DecodeError(Exception):
+    def __init__(self, path, reason):
+        super().__init__(f"{path}: {reason}")
+        self.path, self.reason = str(path), reason
+
+
+def sample_indices(num_available, num_frames, train, rng=None):
+    """Indices of the frames to take: one per equal segment (random in training, middle in eval)."""
+    if num_available <= 0:
+        return []
+    if num_available <= num_frames:
+        return list(range(num_available))
+    edges = (np.arange(num_frames + 1) * num_available) // num_frames
+    starts, lengths = edges[:-1], np.diff(edges)
+    if train:
+        offsets = rng.integers(0, lengths)  # vectorised: one draw per segment
+    else:
+        offsets = (lengths - 1) // 2
+    return (starts + offsets).tolist()
+
+
+def decode_size(width, height, short_side):
+    """(w, h) with the short side scaled to `short_side`, aspect kept, both even and >= 2."""
+    if not short_side:
+        return width, height
+    scale = short_side / min(width, height)
+    w, h = round(width * scale), round(height * scale)
+    return max(2, w - w % 2), max(2, h - h % 2)
+
+
+def _probe_size(path):
+    """(width, height) from the container header, or None when PyAV is missing or cannot tell."""
+    if av is None:
+        return None
+    try:
+        with av.open(str(path)) as c:
+            s = c.streams.video[0].codec_context
+            return (s.width, s.height) if s.width and s.height else None
+    except Exception:  # noqa: BLE001 - a file PyAV cannot open is decoded (and judged) by decord
+        return None
+
+
+def _decord(path, num_frames, train, rng, short_side):
+    size = _probe_size(path) if short_side else None
+    w, h = decode_size(*size, short_side) if size else (-1, -1)
+    vr = decord.VideoReader(str(path), num_threads=1, width=w, height=h)
+    idx = sample_indices(len(vr), num_frames, train, rng)
+    frames = vr.get_batch(idx).asnumpy()
+    if short_side and not size:  # no probe: resize the few sampled frames instead
+        frames = _resize_frames(frames, short_side)
+    return frames
+
+
+def _pyav(path, num_frames, train, rng, short_side):
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        w, h = decode_size(stream.codec_context.width, stream.codec_context.height, short_side)
+        known = stream.frames  # 0 when the container does not say
+        if known > 0:
+            wanted = sample_indices(known, num_frames, train, rng)
+            picked, last = {}, max(wanted)
+            for i, frame in enumerate(container.decode(stream)):
+                if i in wanted:
+                    picked[i] = frame.to_ndarray(format="rgb24", width=w, height=h)
+                if i >= last:
+                    break
+            got = [picked[i] for i in wanted if i in picked]  # a truncated file gives fewer
+            if got:
+                return np.stack(got)
+            known = 0
+        if known <= 0:
+            container.seek(0)
+            frames = [f.to_ndarray(format="rgb24", width=w, height=h)
+                      for f in container.decode(stream)]
+            idx = sample_indices(len(frames), num_frames, train, rng)
+            return np.stack([frames[i] for i in idx]) if idx else np.zeros((0, h, w, 3), np.uint8)
+
+
+def _resize_frames(frames, short_side):
+    import torch
+    import torch.nn.functional as F
+    n, h, w, _ = frames.shape
+    nw, nh = decode_size(w, h, short_side)
+    x = torch.from_numpy(frames).permute(0, 3, 1, 2).float()
+    x = F.interpolate(x, size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)
+    return x.round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
+
+
+def decode_clip(path, num_frames, train=False, rng=None, short_side=None, decoder="auto"):
+    """Decode `num_frames` frames as uint8 (T, H, W, 3), T <= num_frames; returns (frames, decoder).
+
+    short_side: resize on decode so the shorter side has this many pixels (None: native size).
+    decoder: "auto" (decord, then PyAV if decord is missing or fails), "decord" or "pyav".
+    Raises DecodeError with a short reason for any bad file.
+    """
+    if decoder not in DECODERS:
+        raise ValueError(f"unknown decoder {decoder!r}; choose one of {', '.join(DECODERS)}")
+    if train and rng is None:
+        raise ValueError("training-mode sampling needs an rng (numpy Generator)")
+    path = Path(path)
+    try:
+        size = os.stat(path).st_size
+    except FileNotFoundError:
+        raise DecodeError(path, "missing file") from None
+    except OSError as e:
+        raise DecodeError(path, f"cannot stat ({e.strerror})") from None
+    if size == 0:
+        raise DecodeError(path, "empty file")
+    order = {"auto": ("decord", "pyav"), "decord": ("decord",), "pyav": ("pyav",)}[decoder]
+    reasons = []
+    for name in order:
+        impl = {"decord": (decord, _decord), "pyav": (av, _pyav)}[name]
+        if impl[0] is None:
+            reasons.append(f"{name} not installed")
+            continue
+        # A failed attempt gives its random draws back, so the fallback samples the same frames.
+        state = rng.bit_generator.state if rng is not None else None
+        try:
+            frames = impl[1](path, num_frames, train, rng, short_side)
+        except Exception as e:  # noqa: BLE001 - any decoder failure is a bad sample, see above
+            if rng is not None:
+                rng.bit_generator.state = state
+            reasons.append(f"{name}: {type(e).__name__}: {_short(e)}")
+            continue
+        if frames is None or len(frames) == 0:
+            reasons.append(f"{name}: no video frames")
+            continue
+        return frames, name
+    raise DecodeError(path, "; ".join(reasons))
+
+
+def _short(e, limit=120):
+    text = " ".join(str(e).split()) or "no message"
+    return text if len(text) <= limit else text[:limit] + "..."
