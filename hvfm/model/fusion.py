@@ -1,0 +1,91 @@
+"""Fusion encoder: text tokens self-attend (bidirectional) and cross-attend to the video tokens of
+their own pair; MLM head (tied to the text token embedding) and VTM head on the first token.
+
+Sequence i of the text packing is paired with sequence i of the video packing, so query and key
+lengths differ per pair (`cu_seqlens_q != cu_seqlens_k`).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from transformers.activations import ACT2FN
+
+from .attention import Varlen
+from .blocks import Block, run_blocks
+
+
+def _init_fresh(module: nn.Module) -> None:
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+
+class MLMHead(nn.Module):
+    """dense -> gelu -> LN -> decoder (weight tied to the token embedding, own bias)."""
+
+    def __init__(self, width: int, text_width: int, vocab: int, eps: float = 1e-5):
+        super().__init__()
+        self.dense = nn.Linear(width, text_width)
+        self.act = ACT2FN["gelu"]
+        self.norm = nn.LayerNorm(text_width, eps=eps)
+        self.decoder = nn.Linear(text_width, vocab)
+        nn.init.zeros_(self.decoder.bias)
+
+    def forward(self, x):
+        return self.decoder(self.norm(self.act(self.dense(x))))
+
+
+class FusionEncoder(nn.Module):
+    """L_f pre-LN blocks of self-attention, cross-attention to video, MLP; then a final LN."""
+
+    def __init__(self, width, layers, heads, mlp_width, text_width, video_width, vocab,
+                 act="quick_gelu", eps=1e-5, attn="sdpa", checkpointing=False):
+        super().__init__()
+        self.attn, self.checkpointing = attn, checkpointing
+        self.text_in = nn.Linear(text_width, width) if text_width != width else nn.Identity()
+        self.video_in = nn.Linear(video_width, width)
+        self.layers = nn.ModuleList(Block(width, heads, mlp_width, act, eps, cross=True)
+                                    for _ in range(layers))
+        self.final_layer_norm = nn.LayerNorm(width, eps=eps)
+        self.mlm_head = MLMHead(width, text_width, vocab, eps)
+        self.vtm_head = nn.Linear(width, 2)
+        _init_fresh(self)
+
+    @classmethod
+    def from_text(cls, text, video_width: int, layers: int = 2, width: int | None = None,
+                  heads: int | None = None, mlp_ratio: float | None = None, **kw) -> "FusionEncoder":
+        """Build next to a `TextEncoder`: self-attn/MLP/LNs copied from its last `layers` blocks
+        where shapes match (cross-attention and maps are fresh); MLM decoder tied to its embedding."""
+        tw = text.token_embedding.embedding_dim
+        ref = text.layers[-1]
+        width = width or tw
+        heads = heads or ref.self_attn.heads
+        mlp = int(width * mlp_ratio) if mlp_ratio else ref.mlp.fc1.out_features * width // tw
+        fus = cls(width, layers, heads, mlp, tw, video_width, text.token_embedding.num_embeddings,
+                  ref.mlp.act_name, ref.layer_norm1.eps, **kw)
+        fus.to(text.token_embedding.weight.dtype)
+        src = list(text.layers)[-layers:]
+        for blk, s in zip(fus.layers[len(fus.layers) - len(src):], src):
+            theirs = s.state_dict()
+            with torch.no_grad():
+                for name, p in blk.state_dict().items():
+                    if name in theirs and theirs[name].shape == p.shape:
+                        p.copy_(theirs[name])
+        if text.final_layer_norm.weight.shape == fus.final_layer_norm.weight.shape:
+            fus.final_layer_norm.load_state_dict(text.final_layer_norm.state_dict())
+        fus.mlm_head.decoder.weight = text.token_embedding.weight  # tied (shared Parameter)
+        return fus
+
+    def forward(self, text_x, ts: Varlen, video_x, vs: Varlen):
+        """text_x (total_t, text W) and video_x (total_v, video W), pair i = sequence i of each."""
+        x = self.text_in(text_x)
+        mem = self.video_in(video_x)
+        x = run_blocks(self.layers, x, ts, self.checkpointing, backend=self.attn, mem=mem, mems=vs)
+        return self.final_layer_norm(x)
+
+    def vtm_logits(self, h, ts: Varlen):
+        """(B, 2) match logits from the first token of each text sequence."""
+        return self.vtm_head(h[ts.cu_seqlens[:-1].long()])
+
