@@ -368,7 +368,7 @@ def train(args):
     deadline = start + args.max_minutes * 60 if args.max_minutes else None
     micro_step = 0
     while step < max_steps and (deadline is None or time.perf_counter() < deadline):
-        got_batch = False
+        got_batch, started_at = False, loader.position
         t_data = time.perf_counter()
         for batch in loader:
             got_batch = True
@@ -411,7 +411,7 @@ def train(args):
                 break
         else:
             loader.set_epoch(loader.epoch + 1)
-        if not got_batch:
+        if not got_batch and started_at == 0:
             raise DataError(f"{train_ann.source}: the loader gave no batch (fewer samples than one batch?)")
     bar.close()
     wall = time.perf_counter() - start

@@ -1,0 +1,142 @@
+"""The trainer as users run it: the deepspeed launcher with 1 process (ZeRO-2) and 2 processes
+(ZeRO-3), save and resume, the export and evaluation CLI, and bad input (exit 2, nothing written)."""
+import csv
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from hvfm import train as train_mod
+from hvfm.data.synthetic import generate
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return generate(tmp_path_factory.mktemp("syn"), n_train=40, n_test=6, frames=8, size=32, seed=0)
+
+
+def data_flags(corpus):
+    return ["--train-csv", str(corpus.train_csv), "--video-root", str(corpus.train_root),
+            "--eval-json", str(corpus.test_json), "--eval-video-root", str(corpus.test_root),
+            "--frames", "4", "--size", "32", "--workers", "1", "--log-every", "1"]
+
+
+def launch(flags, procs=1, timeout=600):
+    cmd = ["deepspeed", "--num_gpus", str(procs), "--master_port", str(free_port()),
+           "hvfm/train.py", *flags]
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
+    return r
+
+
+def metrics_rows(out):
+    with open(out / "metrics.csv") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.slow  # ~100 s each; CI runs it: nothing else covers the launcher, ZeRO-3 and resume
+@pytest.mark.parametrize("procs,config", [(1, "z2"), (2, "z3")])
+def test_launcher_trains_saves_resumes_and_exports(corpus, tmp_path, procs, config):
+    out = tmp_path / "run"
+    base = ["--deepspeed", f"ds_configs/{config}.json", *data_flags(corpus), "--output-dir", str(out),
+            "--save-every", "2"]
+    first = launch([*base, "--max-steps", "2"], procs)
+    assert "[before] t2v R@1/5/10" in first.stdout and "[after]" in first.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 2 and summary["world_size"] == procs
+    assert np.isfinite(summary["last_losses"]["loss"]) and summary["samples_per_s"] > 0
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step00000002"
+    assert (out / "final" / "hvfm_model.safetensors").exists()
+
+    launch([*base, "--max-steps", "4", "--resume", "--no-eval"], procs)
+    rows = metrics_rows(out)
+    assert [int(r["step"]) for r in rows] == [1, 2, 3, 4]  # went on from step 2, not from 0
+    assert json.loads((out / "summary.json").read_text())["steps"] == 4
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step00000004"
+
+    # The export evaluates through the CLI and gives the numbers the trainer printed at the end.
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    r = subprocess.run([sys.executable, "-m", "hvfm.evaluate", "--checkpoint", str(out / "final"),
+                        "--ann", str(corpus.test_json), "--video-root", str(corpus.test_root),
+                        "--frames", "4", "--size", "32", "--workers", "0",
+                        "--dump-scores", str(tmp_path / "s.npy")],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    metrics = json.loads(r.stdout.strip().splitlines()[-1])
+    for key in ("t2v_r1", "t2v_r5", "t2v_r10", "t2v_medr", "v2t_r1", "v2t_r5", "v2t_r10", "v2t_medr"):
+        assert key in metrics
+    scores = np.load(tmp_path / "s.npy")
+    assert scores.shape == (metrics["captions"], metrics["videos"]) and np.isfinite(scores).all()
+
+
+def expect_exit_2(capsys, argv, *words):
+    with pytest.raises(SystemExit) as e:
+        train_mod.main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    for w in words:
+        assert w in lines[0], (w, lines[0])
+
+
+def test_bad_flags_and_configs_exit_2_and_write_nothing(corpus, tmp_path, capsys):
+    out = tmp_path / "out"
+    base = ["--deepspeed", "ds_configs/z2.json", *data_flags(corpus), "--output-dir", str(out)]
+    expect_exit_2(capsys, [*base, "--attn", "nonsense"], "--attn", "sdpa")
+    expect_exit_2(capsys, [*base, "--model", "vit-x"], "--model", "tiny")
+    expect_exit_2(capsys, [*base, "--precision", "fp16"], "fp16", "bf16")
+    expect_exit_2(capsys, [*base, "--resume"], "--resume", "no checkpoint")
+    bad = tmp_path / "bad.json"
+    cfg = json.loads((ROOT / "ds_configs" / "z2.json").read_text())
+    bad.write_text(json.dumps({**cfg, "train_batch_size": 999}))
+    expect_exit_2(capsys, [*base[2:], "--deepspeed", str(bad)], "bad.json", "train_batch_size 999")
+    assert not out.exists()  # nothing was created for any of them
+
+
+def test_clip_folder_missing_files_exits_2(corpus, tmp_path, capsys):
+    clip = tmp_path / "clip"
+    clip.mkdir()
+    (clip / "config.json").write_text("{}")
+    out = tmp_path / "out"
+    expect_exit_2(capsys, ["--deepspeed", "ds_configs/z2.json", *data_flags(corpus), "--clip", str(clip),
+                           "--output-dir", str(out)], str(clip), "model.safetensors")
+    assert not (out / "checkpoints").exists() and not (out / "final").exists()
+
+
+def test_existing_run_is_not_overwritten(tmp_path, capsys, corpus):
+    out = tmp_path / "out"
+    (out / "checkpoints").mkdir(parents=True)
+    (out / "checkpoints" / "latest").write_text("step00000007")
+    expect_exit_2(capsys, ["--deepspeed", "ds_configs/z2.json", *data_flags(corpus), "--output-dir", str(out)],
+                  "--resume")
+    assert (out / "checkpoints" / "latest").read_text() == "step00000007"
+
+
+@pytest.mark.slow  # ~60 s; CI runs it: it is the README's main command
+def test_readme_main_command(tmp_path):
+    """The README's main command on the built-in default, shortened with --max-steps."""
+    readme = (ROOT / "README.md").read_text()
+    command = "deepspeed hvfm/train.py --deepspeed ds_configs/z2.json"
+    assert command in readme
+    out = tmp_path / "default"
+    r = launch(["--deepspeed", "ds_configs/z2.json", "--max-steps", "2", "--output-dir", str(out)])
+    assert "temporal acc" in r.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 2
+    for when in ("before", "after"):
+        assert set(summary["eval"][when]) == {"all_frames", "one_frame"}
