@@ -17,12 +17,14 @@ Backends (`BACKENDS` lists the names):
   flash_attn    flash_attn_varlen_func (half precision inputs), when importable.
   xformers      memory_efficient_attention + BlockDiagonalMask, when importable (needs host
                 lengths; computes them with one host sync when not given).
-  triton        `kernels.varlen_attention` when importable; `register_backend` can install any.
+  triton        `kernels.varlen_attention` when importable and Triton can run: on CUDA, or on
+                CPU under the interpreter (TRITON_INTERPRET=1, slow; tests only).
+                `register_backend` can install any.
 An optional backend that cannot be imported falls back to sdpa with one warning line.
 """
 from __future__ import annotations
 
-import importlib
+import os
 import warnings
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -102,7 +104,10 @@ def _resolve(name: str) -> tuple[Callable, bool]:
             from xformers.ops import fmha  # noqa: F401
             register_backend(name, _xformers, host_lengths=True)
         else:
-            register_backend(name, importlib.import_module("kernels").varlen_attention)
+            if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+                return _fallback(name, "no CUDA device and TRITON_INTERPRET is not 1")
+            from kernels import varlen_attention  # noqa: F401
+            register_backend(name, _triton)
     except Exception as e:  # ImportError, or a broken install raising something else
         return _fallback(name, f"{type(e).__name__}: {e}".splitlines()[0])
     return _REGISTRY[name]
@@ -200,6 +205,11 @@ def _torch_varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal=False, seqlens_q=Non
 def _flash_attn(q, k, v, cu_q, cu_k, max_q, max_k, causal=False):
     from flash_attn import flash_attn_varlen_func
     return flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k, causal=causal)
+
+
+def _triton(q, k, v, cu_q, cu_k, max_q, max_k, causal=False):
+    from kernels import varlen_attention
+    return varlen_attention(q, k, v, cu_q, cu_k, max_q, max_k, causal=causal)
 
 
 def _xformers(q, k, v, cu_q, cu_k, max_q, max_k, causal=False, seqlens_q=None, seqlens_k=None):

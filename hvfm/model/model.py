@@ -33,14 +33,15 @@ class VideoLanguageModel(nn.Module):
     def from_clip(cls, clip_model, tokenizer, fusion_layers: int = 2, fusion_width=None,
                   fusion_heads=None, attn="sdpa", max_frames: int = 16, checkpointing=False,
                   patch_embed=None) -> "VideoLanguageModel":
-        """Inflate a transformers CLIPModel. `patch_embed` None = 'conv' for sdpa, else 'gather'."""
+        """Inflate a transformers CLIPModel. `patch_embed` None = the attention backend's default
+        (`triton` when Triton runs, `conv` for sdpa, else `gather`; see video.default_patch_embed)."""
         vocab = clip_model.text_model.embeddings.token_embedding.num_embeddings
         if tokenizer.mask_token_id is None or len(tokenizer) > vocab:
             raise ValueError(f"tokenizer needs a mask token and at most {vocab} tokens "
                              f"(has {len(tokenizer)}); call hvfm.model.add_mask_token first")
         get_backend(attn)  # validate the name early (warns once on fallback)
         video = VideoEncoder.from_clip(clip_model, max_frames, attn=attn, checkpointing=checkpointing,
-                                       patch_embed=patch_embed or ("conv" if attn == "sdpa" else "gather"))
+                                       patch_embed=patch_embed)
         text = TextEncoder.from_clip(clip_model, attn=attn, checkpointing=checkpointing)
         fusion = FusionEncoder.from_text(text, video.post_layernorm.weight.shape[0], fusion_layers,
                                          fusion_width, fusion_heads, attn=attn,

@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .attention import Varlen, to_device
+from .attention import Varlen, get_backend, to_device
 from .blocks import Block, run_blocks
 
 
@@ -74,6 +74,14 @@ def sample_keep(counts: np.ndarray, num_patches: np.ndarray, max_patches: int, d
     return Keep(counts, keys - rows * max_patches, rows)
 
 
+def default_patch_embed(attn: str) -> str:
+    """Patch embedding matching an attention backend: the fused Triton kernel with 'triton' (when
+    that backend runs, not when it fell back to sdpa), 'conv' with sdpa, else 'gather'."""
+    if attn == "triton" and get_backend("triton") is not get_backend("sdpa"):
+        return "triton"
+    return "conv" if attn == "sdpa" else "gather"
+
+
 class VideoEmbeddings(nn.Module):
     """Patch embedding of kept patches + spatial (CLIP) and temporal position embeddings, packed.
 
@@ -114,14 +122,24 @@ class VideoEmbeddings(nn.Module):
             view = pixels.unflatten(3, (hp, p)).unflatten(5, (wp, p))  # (B, T, C, hp, p, wp, p)
             patches = view[rows, t, :, hw // wp, :, hw % wp, :]  # (n, C, p, p)
             tok = patches.flatten(1) @ self.patch_weight.flatten(1).t()
+        elif impl == "triton":  # fused kernel: gather + matmul + position embeddings, one launch
+            from kernels import patch_embed_gather
+            # cu_seqlens of the kept patches alone (vs also counts one CLS per sample)
+            cu = vs.cu_seqlens - torch.arange(B + 1, device=pixels.device, dtype=torch.int32)
+            tok = patch_embed_gather(pixels, idx, cu, self.patch_weight, None,
+                                     self.spatial_pos(hp, wp),
+                                     None if reverse else self.temporal_embedding[:T])
         else:
-            raise ValueError(f"unknown patch embedding '{impl}'; valid: conv, gather")
+            raise ValueError(f"unknown patch embedding '{impl}'; valid: conv, gather, triton")
         if reverse:  # play backwards: frame t is shown at time T_i - 1 - t
             t = frames[rows] - 1 - t
             idx = t * HW + hw
             order = (rows * (T * HW) + idx).argsort()
             tok, t, hw, idx = tok[order], t[order], hw[order], idx[order]
-        tok = tok + self.spatial_pos(hp, wp)[hw] + self.temporal_embedding[t]
+        if impl != "triton":
+            tok = tok + self.spatial_pos(hp, wp)[hw] + self.temporal_embedding[t]
+        elif reverse:  # the kernel added the spatial embedding only
+            tok = tok + self.temporal_embedding[t]
         cls = (self.class_embedding + self.position_embedding[0]).expand(B, W)
         tok_pos = torch.arange(tok.shape[0], device=tok.device) + rows + 1
         x = tok.new_zeros(vs.total, W)
@@ -142,10 +160,11 @@ class VideoEncoder(nn.Module):
     """CLIP ViT applied to packed [CLS, kept patches] sequences of whole clips."""
 
     def __init__(self, width, layers, heads, mlp_width, patch, grid, max_frames, proj_dim,
-                 act="quick_gelu", eps=1e-5, attn="sdpa", patch_embed="gather",
+                 act="quick_gelu", eps=1e-5, attn="sdpa", patch_embed=None,
                  checkpointing=False):
         super().__init__()
-        self.attn, self.patch_embed, self.checkpointing = attn, patch_embed, checkpointing
+        self.attn, self.checkpointing = attn, checkpointing
+        self.patch_embed = patch_embed or default_patch_embed(attn)
         self.max_frames = max_frames
         self.embeddings = VideoEmbeddings(width, patch, grid, max_frames)
         self.pre_layrnorm = nn.LayerNorm(width, eps=eps)

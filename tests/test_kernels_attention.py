@@ -1,0 +1,226 @@
+"""kernels.varlen_attention against a float64 torch reference (flash-attn's error rule).
+
+Runs on CPU under the Triton interpreter (TRITON_INTERPRET=1, set by conftest without a GPU) and
+on CUDA when present. Rule: max |kernel - ref64| <= 2x (3x for gradients) the error of the same
+computation done in torch at the input precision, plus a small absolute term.
+"""
+import inspect
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+import kernels
+from kernels import attention as KA
+from kernels.reference import varlen_attention_ref
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+DEVICES = (["cpu"] if INTERPRET else []) + (["cuda"] if torch.cuda.is_available() else [])
+pytestmark = pytest.mark.skipif(not DEVICES, reason="needs CUDA or TRITON_INTERPRET=1")
+ATOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-3}
+H = 2
+# one batch with: Lq=0 & Lk>0, length 1, equal lengths not a multiple of 64, Lk=0 & Lq>0,
+# max >> mean (130), Lq < Lk, both empty, Lq > Lk (causal: the first 7 rows see no key)
+LQ = [0, 1, 70, 5, 130, 3, 0, 9]
+LK = [4, 1, 70, 0, 130, 40, 0, 2]
+CASES = [(dt, 64, c) for dt in (torch.float32, torch.float16, torch.bfloat16) for c in (False, True)]
+CASES += [(torch.float32, 32, True), (torch.bfloat16, 128, False), (torch.float16, 40, True),
+          (torch.float32, 80, False)]
+
+
+def cu(lengths, device):
+    return torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32,
+                        device=device)
+
+
+def make(lq, lk, D, dtype, device, strided=False, seed=0):
+    """q, k, v (float64 masters on `device`); `strided`: non-default head/row strides."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(sum(lq), H, D + 8 * strided, generator=g, dtype=torch.float64)[..., :D]
+    k = torch.randn(H, sum(lk), D, generator=g, dtype=torch.float64)
+    v = torch.randn(sum(lk), H, D, generator=g, dtype=torch.float64)
+    k = k.transpose(0, 1) if strided else k.transpose(0, 1).contiguous()
+    return [x.to(device) for x in (q, k, v)]
+
+
+def forward_backward(fn, qkv, dtype, do, **kw):
+    leaves = [x.detach().to(dtype).requires_grad_() for x in qkv]
+    out = fn(*leaves, **kw)
+    grads = torch.autograd.grad(out, leaves, do.to(dtype))
+    return out.detach(), grads
+
+
+def check(name, got, ref64, ref_low, factor, atol):
+    err = (got.double() - ref64).abs().max().item() if got.numel() else 0.0
+    base = (ref_low.double() - ref64).abs().max().item() if got.numel() else 0.0
+    scale = max(1.0, ref64.abs().max().item()) if got.numel() else 1.0
+    assert err <= factor * base + atol * scale, \
+        f"{name}: kernel error {err:.3g} > {factor} x torch error {base:.3g} + {atol * scale:.3g}"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_matches_reference(device, case):
+    dtype, D, causal = CASES[case]
+    q, k, v = make(LQ, LK, D, dtype, device, strided=case % 2 == 1, seed=case)
+    cq, ck = cu(LQ, device), cu(LK, device)
+    do = torch.randn(q.shape, generator=torch.Generator().manual_seed(100 + case),
+                     dtype=torch.float64).to(device)
+    args = (cq, ck, max(LQ), max(LK))
+    poisoned = torch.full(q.shape, float("nan"), dtype=dtype, device=device)
+
+    def kernel(q, k, v):
+        return kernels.varlen_attention(q, k, v, *args, causal=causal, out=poisoned)
+
+    def ref(q, k, v):
+        return varlen_attention_ref(q, k, v, *args, causal=causal)
+
+    out, grads = forward_backward(kernel, (q, k, v), dtype, do)
+    out64, grads64 = forward_backward(ref, (q, k, v), torch.float64, do)
+    out_lo, grads_lo = forward_backward(ref, (q, k, v), dtype, do)
+    assert out.dtype == dtype and out.shape == q.shape
+    assert torch.isfinite(out).all(), "some output rows were not written"
+    check("out", out, out64, out_lo, 2, ATOL[dtype])
+    for name, g, g64, g_lo in zip(("dq", "dk", "dv"), grads, grads64, grads_lo):
+        assert g.dtype == dtype and torch.isfinite(g).all(), name
+        check(name, g, g64, g_lo, 3, ATOL[dtype])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_rows_without_keys_are_exact_zeros(device):
+    lq, lk = [3, 6, 0, 2], [0, 2, 5, 2]  # no keys at all; causal Lq > Lk; no queries
+    q, k, v = (x.float().requires_grad_() for x in make(lq, lk, 32, torch.float32, device))
+    out = kernels.varlen_attention(q, k, v, cu(lq, device), cu(lk, device), 6, 5, causal=True)
+    dq, dk, dv = torch.autograd.grad(out.square().sum(), (q, k, v))
+    empty = torch.tensor([1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0], dtype=torch.bool, device=device)
+    assert (out[empty] == 0).all() and (dq[empty] == 0).all() and (out[~empty] != 0).all()
+    assert (dk[2:7] == 0).all() and (dv[2:7] == 0).all()  # keys of the query-less sequence
+    # bottom-right alignment: Lq=2, Lk=2 -> row 0 sees key 0 only: its output is v[key 0]
+    torch.testing.assert_close(out[9], v[7].detach(), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_empty_batches(device):
+    for lq, lk in [([0, 0], [0, 0]), ([0, 0], [3, 1]), ([], [])]:
+        q, k, v = (x.float().requires_grad_() for x in make(lq, lk, 16, torch.float32, device))
+        out = kernels.varlen_attention(q, k, v, cu(lq, device), cu(lk, device),
+                                       max(lq, default=0), max(lk, default=0))
+        assert out.shape == q.shape
+        grads = torch.autograd.grad(out.sum(), (q, k, v), allow_unused=True)
+        assert all(g is None or (g == 0).all() for g in grads)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_softmax_scale_and_input_checks(device):
+    lq = lk = [5, 17]
+    q, k, v = (x.float() for x in make(lq, lk, 16, torch.float32, device))
+    args = (cu(lq, device), cu(lk, device), 17, 17)
+    out = kernels.varlen_attention(q, k, v, *args, softmax_scale=0.1)
+    torch.testing.assert_close(out, varlen_attention_ref(q, k, v, *args, softmax_scale=0.1),
+                               rtol=1e-5, atol=1e-5)
+    with pytest.raises(TypeError, match="float32/float16/bfloat16"):
+        kernels.varlen_attention(q.double(), k.double(), v.double(), *args)
+    with pytest.raises(TypeError, match="Python ints"):
+        kernels.varlen_attention(q, k, v, *args[:2], torch.tensor(17), 17)
+    with pytest.raises(ValueError, match="head dim"):
+        big = torch.zeros(22, 1, 160, device=device)
+        kernels.varlen_attention(big, big, big, *args)
+
+
+def _python_fn(kernel):
+    fn = kernel
+    while not inspect.isfunction(fn):
+        fn = fn.fn
+    return fn
+
+
+def test_no_sequence_length_reaches_a_kernel():
+    """max_seqlen sizes the grid only: no kernel takes a length, constexpr or not."""
+    for kernel in (KA._fwd_kernel, KA._dkdv_kernel, KA._dq_kernel, KA._delta_kernel):
+        params = inspect.signature(_python_fn(kernel)).parameters
+        assert not any("seqlen" in n.lower() or n.lower().startswith("max") for n in params)
+        const = {n for n, p in params.items() if "constexpr" in str(p.annotation)}
+        assert const <= {"HEAD_DIM", "BLOCK_D", "CAUSAL", "DOT_F32", "BLOCK_M", "BLOCK_N"}, const
+
+
+@pytest.mark.skipif(not INTERPRET, reason="on a GPU the other tests compile the kernels")
+def test_kernels_compile_for_sm90_without_gpu():
+    """Compiled mode (frontend rules the interpreter skips, ptxas, tensor cores): one variant of
+    every attention kernel (causal, head dim 40) and of the patch-embed kernel, bf16, sm_90."""
+    try:
+        from triton.backends.nvidia import compiler  # noqa: F401
+    except ImportError:
+        pytest.skip("this triton has no NVIDIA backend")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, "-m", "kernels._compile_check", "--arch", "90"],
+                         cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert res.returncode == 0, res.stdout + res.stderr
+    lines = [ln for ln in res.stdout.splitlines() if ln.startswith("ok ")]
+    assert len(lines) == 5, res.stdout
+    assert all("dot=wgmma" in ln for ln in lines if "_delta_kernel" not in ln), res.stdout
+
+
+def _cache_size(kernel):
+    """Compiled variants of an autotuned kernel (triton 3.x JITFunction.device_caches layout)."""
+    caches = getattr(kernel.fn, "device_caches", None)
+    if caches is None:
+        pytest.skip("this triton has no JITFunction.device_caches")
+    return sum(len(c[0]) for c in caches.values())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or INTERPRET, reason="needs CUDA")
+def test_cuda_no_recompile_no_sync_deterministic():
+    dev = "cuda"
+    sizes = []
+    for lq, lk in [([5, 300, 7], [9, 300, 1]), ([1, 2, 3], [3, 2, 1]), ([1000, 17, 64], [64, 1000, 17])]:
+        q, k, v = (x.to(torch.bfloat16).requires_grad_() for x in make(lq, lk, 64, None, dev))
+        out = kernels.varlen_attention(q, k, v, cu(lq, dev), cu(lk, dev), max(lq), max(lk),
+                                       causal=True)
+        out.sum().backward()
+        torch.cuda.synchronize()
+        sizes.append([_cache_size(kn) for kn in (KA._fwd_kernel, KA._dkdv_kernel, KA._dq_kernel,
+                                                KA._delta_kernel)])
+    assert sizes[0] == sizes[1] == sizes[2], sizes
+    # no host sync once tuned (the first call of a new key autotunes, which syncs);
+    # bitwise deterministic gradients
+    lq, lk = [5, 300, 7], [9, 300, 1]
+    q, k, v = (x.to(torch.bfloat16).requires_grad_() for x in make(lq, lk, 64, None, dev))
+    cq, ck = cu(lq, dev), cu(lk, dev)
+
+    def step():
+        out = kernels.varlen_attention(q, k, v, cq, ck, 300, 300)
+        return torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+    runs = [step()]
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        runs.append(step())
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+def test_hvfm_triton_backend(monkeypatch):
+    A = __import__("hvfm.model.attention", fromlist=["x"])
+    monkeypatch.setattr(A, "_WARNED", set())
+    monkeypatch.setattr(A, "_REGISTRY", dict(A._REGISTRY))
+    A._REGISTRY.pop("triton", None)
+    if DEVICES:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert A.get_backend("triton") is A._triton
+    # no CUDA and no interpreter: Triton cannot run -> sdpa, one warning
+    A._REGISTRY.pop("triton", None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.warns(RuntimeWarning, match="'triton' is not available.*TRITON_INTERPRET") as rec:
+        assert A.get_backend("triton") is A._sdpa
+    assert len(rec) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert A.get_backend("triton") is A._sdpa
