@@ -1,17 +1,65 @@
-"""Zero-shot retrieval and temporal accuracy of a trained hvfm model (or a plain HF CLIP folder).
+"""Zero-shot retrieval and multiple-choice evaluation of hvfm exports, DeepSpeed checkpoints and CLIP.
 
-    python -m hvfm.evaluate --checkpoint DIR --ann test.json --video-root DIR [--frames N]
-                            [--size S] [--dump-scores scores.npy]
+Retrieval, multiple choice and temporal accuracy, computed the way the video-language literature
+reports them.
 
-Prints one JSON object: text-to-video and video-to-text R@1/5/10 (percent, as the literature
-reports them), median and mean rank, and -- when the annotation has "group" keys, as the synthetic
-test split does -- temporal accuracy: among the clips of a group (the same objects, every motion
-or order), how often a caption's own clip scores highest. Ties count against the model.
+    python -m hvfm.evaluate --checkpoint CKPT --ann test.json --video-root DIR [--frames 8]
+        [--pool auto|joint|mean] [--paragraph] [--rerank-k K [--rerank-score prob|logit]]
+        [--dsl [--dsl-temp 100]]
+        [--mc-by sim|vtm] [--eval-drop-ratio R --views N --seed S]
+        [--merge-with-clip ALPHA [--clip DIR]] [--tag TAG] [--dump-scores scores.npy] [--table]
+
+CKPT: an export (OUTPUT_DIR/final), a DeepSpeed checkpoint folder of any ZeRO stage
+(OUTPUT_DIR/checkpoints, or one tag folder in it; consolidated to fp32 in process), a run folder
+OUTPUT_DIR (its final/, else its checkpoints/), or an HF `CLIPModel` folder: image CLIP, the
+baseline users compare against. `--pool mean` (the default for a CLIP folder) encodes every frame
+as an image and averages the normalised frame embeddings (CLIP4Clip's zero-shot mean pooling);
+`--pool joint` (the default for hvfm models) encodes all frames' patches in one sequence, as hvfm
+trains (a CLIP folder then has a zero temporal embedding).
+
+The annotation format is detected from the first entry's keys:
+- retrieval: `[{"video", "caption"}]`; a caption list is several captions of the video (a
+  video-to-text query counts a hit when any of them ranks high enough), or with `--paragraph`
+  one paragraph (DiDeMo / ActivityNet style: the list joined with spaces). A WebVid CSV works too.
+- multiple choice: `[{"video", "options": [...], "answer": index}]` (MSR-VTT MC style).
+
+Scores. Similarity = cosine of the L2-normalised projected embeddings, averaged over `--views`
+random patch drops when `--eval-drop-ratio` is given (each view seeded from --seed, the view and
+the batch). Then, in this order:
+- `--dsl` dual softmax (CAMoE's DSL): with S the (texts x videos) similarity and T = --dsl-temp,
+  text-to-video ranks S * softmax(T * S, axis=texts) and video-to-text ranks
+  S * softmax(T * S, axis=videos), the softmax taken independently per column / row. It uses the
+  whole query set at once (transductive), as the papers that report it do.
+- `--rerank-k K` re-ranking: for each text, its K best videos by the current score are scored by
+  the VTM head through the fusion encoder (match probability, or `--rerank-score logit`: the
+  log-odds logit_match - logit_nomatch) and placed above every other video, in that order; the
+  rest keep their order. Likewise the K best texts of each video for video-to-text. VTM encodes
+  the video once per re-rank pass with the first view's patches.
+`--merge-with-clip ALPHA` first interpolates the weights with the original CLIP (`--clip DIR`,
+default: the run's --clip, else OUTPUT_DIR/init_clip): theta = ALPHA * theta_clip +
+(1 - ALPHA) * theta_post for every parameter CLIP has (see hvfm.export.merge_with_clip).
+
+Metrics: R@1/5/10 in percent, median and mean rank; ties count against the model (rank = 1 + the
+number of wrong candidates scoring at least as high as the best correct one). Multiple choice:
+the option with the highest score (similarity or VTM match probability) is picked; a k-way tie at
+the top earns 1/k. When the annotation has "group" keys (the synthetic test split), temporal
+accuracy: within a group (same objects, every motion or order), how often a caption's own clip
+scores highest (ties earn fractional credit).
+
+Output: one JSON object on stdout (its last line), naming the checkpoint, data, frames, views,
+drop ratio, re-rank k, DSL, merge alpha and the numbers of videos / captions evaluated and
+excluded; a table on stderr (`--table`: on stdout, above the JSON). A video file that is missing
+or does not decode is reported in one warning line and excluded (`excluded` in the output). A bad
+annotation file or checkpoint folder fails in one line: `error: ...`, exit code 2.
+
+Under torchrun / the deepspeed launcher every rank encodes a contiguous shard of the videos and
+captions (and of the re-rank pairs) and the results are all-gathered; rank 0 prints.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -21,10 +69,14 @@ import torch
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from hvfm.data import DataError, build_loader, read_annotations, tokenize  # noqa: E402
+from hvfm.data import DataError, build_loader, read_annotations, tokenize  # noqa: E402,F401
 from hvfm.data.annotations import Annotations  # noqa: E402
 from hvfm.data.text import clean_caption  # noqa: E402
 
+DSL_TEMP = 100.0
+
+
+# ============================================================================ metrics (pure)
 
 def ranks(scores, correct):
     """Rank (1 = best) of each row's best correct column; ties count against: rank = 1 + the
@@ -39,25 +91,34 @@ def recall_metrics(r, prefix):
             f"{prefix}_medr": float(np.median(r)), f"{prefix}_meanr": float(np.mean(r))}
 
 
-def retrieval_metrics(scores, text_video):
-    """scores (n_text, n_video); text_video[i] the video of caption i. A video-to-text query
-    counts a hit when any of its captions ranks high enough."""
+def retrieval_metrics(scores, text_video, v2t_scores=None):
+    """scores (n_text, n_video) ranked per row for text-to-video; text_video[i] the video of
+    caption i. Video-to-text ranks the columns of `v2t_scores` (same orientation; default
+    `scores`) and counts a hit when any of the video's captions ranks high enough."""
     scores = np.asarray(scores)
+    v2t_scores = scores if v2t_scores is None else np.asarray(v2t_scores)
     text_video = np.asarray(text_video)
     correct = text_video[:, None] == np.arange(scores.shape[1])[None, :]
     return {**recall_metrics(ranks(scores, correct), "t2v"),
-            **recall_metrics(ranks(scores.T, correct.T), "v2t")}
+            **recall_metrics(ranks(v2t_scores.T, correct.T), "v2t")}
 
 
-def temporal_accuracy(scores, text_video, groups, kinds=None):
-    """Within each group of videos, the fraction of captions whose own video scores highest
-    (strictly: a tie is a miss). Returns overall and per-kind accuracy and the chance level."""
+def temporal_accuracy(scores, text_video, groups, kinds=None, tie_tol=1e-5):
+    """Within each group of videos, how often a caption's own video scores highest.
+
+    Ties are broken at random in expectation: a caption whose video shares the top score with
+    k - 1 others (within `tie_tol`) scores 1/k. So a model that cannot tell a group's clips apart
+    (e.g. one frame of clips that share their middle frame) scores exactly the chance level.
+    Returns overall and per-kind accuracy and the chance level (mean of 1/group size)."""
     scores, text_video, groups = np.asarray(scores), np.asarray(text_video), np.asarray(groups)
     hits, chance, per_kind = [], [], {}
     for i, v in enumerate(text_video):
         members = np.nonzero(groups == groups[v])[0]
-        others = members[members != v]
-        hit = bool(len(others) == 0 or scores[i, v] > scores[i, others].max())
+        s = scores[i, members]
+        own = scores[i, v]
+        top = s.max()
+        tied = np.abs(s - top) <= tie_tol
+        hit = 1.0 / tied.sum() if abs(own - top) <= tie_tol else 0.0
         hits.append(hit)
         chance.append(1.0 / len(members))
         if kinds is not None:
@@ -68,94 +129,675 @@ def temporal_accuracy(scores, text_video, groups, kinds=None):
     return out
 
 
-def _video_view(ann):
-    """One item per video (its first caption), for encoding each video exactly once."""
-    return Annotations(ann.source, ann.root, list(ann.videos),
-                       [[ann.pair_caption[ann.video_pairs[i]]] for i in range(ann.num_videos)],
-                       list(ann.alt_videos), extra=ann.extra)
+def _softmax(x, axis):
+    x = x - x.max(axis=axis, keepdims=True)
+    e = np.exp(x)
+    return e / e.sum(axis=axis, keepdims=True)
+
+
+def dual_softmax(scores, temp=DSL_TEMP):
+    """Dual-softmax re-scoring of a (n_text, n_video) similarity matrix S. Returns
+    (t2v, v2t), both (n_text, n_video):  t2v = S * softmax(temp * S, axis=0) (over the texts,
+    per video), v2t = S * softmax(temp * S, axis=1) (over the videos, per text)."""
+    s = np.asarray(scores, dtype=np.float64)
+    return s * _softmax(temp * s, 0), s * _softmax(temp * s, 1)
+
+
+def topk_indices(scores, k):
+    """(n_rows, min(k, n_cols)) column indices of each row's k highest scores, best first
+    (ties: lower column first)."""
+    scores = np.asarray(scores, dtype=np.float64)
+    k = min(int(k), scores.shape[1])
+    return np.argsort(-scores, axis=1, kind="stable")[:, :k]
+
+
+def rerank_topk(scores, top, values):
+    """Re-rank the columns `top` (n_rows, k) of each row by `values` (n_rows, k), above the other
+    columns, which keep their scores and order. The top-k of row i get
+    floor_i + 1 + (values - min(values_i)), floor_i the row's best score outside its top-k."""
+    out = np.array(scores, dtype=np.float64)
+    top, values = np.asarray(top), np.asarray(values, dtype=np.float64)
+    if top.size == 0:
+        return out
+    rows = np.arange(out.shape[0])[:, None]
+    rest = out.copy()
+    rest[rows, top] = -np.inf
+    floor = rest.max(1, keepdims=True)
+    floor = np.where(np.isfinite(floor), floor, 0.0)
+    out[rows, top] = floor + 1.0 + (values - values.min(1, keepdims=True))
+    return out
+
+
+def mc_accuracy(pair_scores, video_pairs, answers, tie_tol=1e-6):
+    """Multiple-choice accuracy (fraction) and chance. Question q's options are the pairs
+    video_pairs[q]:video_pairs[q+1]; a k-way tie at the top that includes the answer earns 1/k."""
+    pair_scores = np.asarray(pair_scores, dtype=np.float64)
+    hits, chance = [], []
+    for q, answer in enumerate(answers):
+        s = pair_scores[video_pairs[q]:video_pairs[q + 1]]
+        tied = np.abs(s - s.max()) <= tie_tol
+        hits.append(1.0 / tied.sum() if tied[answer] else 0.0)
+        chance.append(1.0 / len(s))
+    return float(np.mean(hits)), float(np.mean(chance))
+
+
+# ============================================================================ sharding
+
+def shard_range(n, rank, world):
+    """[start, stop) of rank's contiguous shard of n items: sizes differ by at most one and the
+    shards of ranks 0..world-1 concatenate to 0..n-1 (a rank may get an empty shard)."""
+    if not 0 <= rank < world:
+        raise ValueError(f"rank {rank} not in [0, {world})")
+    base, extra = divmod(int(n), int(world))
+    start = rank * base + min(rank, extra)
+    return start, start + base + (1 if rank < extra else 0)
+
+
+def dist_info():
+    """(rank, world size) of the initialised process group, else (0, 1)."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def all_gather_list(obj, world):
+    """Every rank's `obj`, in rank order (a list of one without a process group)."""
+    if world == 1:
+        return [obj]
+    import torch.distributed as dist
+    out = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+# ============================================================================ data
+
+class ClipDataset(torch.utils.data.Dataset):
+    """Evaluation clips of the videos `videos` (indices into `ann`): F frames at the segment
+    middles, resized and centre-cropped; a bad file is returned as an error, not replaced."""
+
+    def __init__(self, ann, videos, frames, size, decoder="auto"):
+        from hvfm.data.transforms import VideoTransform
+        self.ann, self.videos, self.frames, self.decoder = ann, list(videos), frames, decoder
+        self.size = size
+        self.transform = VideoTransform(size, train=False)
+
+    def __len__(self):
+        return len(self.videos)
+
+    def __getitem__(self, k):
+        from hvfm.data.decode import DecodeError, decode_clip
+        v = int(self.videos[k])
+        path = self.ann.resolve(v)
+        try:
+            frames, _ = decode_clip(path, self.frames, False, None, short_side=self.size,
+                                    decoder=self.decoder)
+        except DecodeError as e:
+            return {"video": v, "pixels": None, "error": (str(path), e.reason)}
+        pixels, _ = self.transform(frames, None)
+        return {"video": v, "pixels": pixels, "error": None}
+
+
+def _collate(samples):
+    good = [s for s in samples if s["pixels"] is not None]
+    failed = {s["video"]: s["error"] for s in samples if s["pixels"] is None}
+    if not good:
+        return {"videos": [], "pixels": None, "num_frames": None, "failed": failed}
+    t_max = max(s["pixels"].shape[0] for s in good)
+    pixels = torch.zeros(len(good), t_max, *good[0]["pixels"].shape[1:])
+    for i, s in enumerate(good):
+        pixels[i, : s["pixels"].shape[0]] = s["pixels"]
+    return {"videos": [s["video"] for s in good], "pixels": pixels,
+            "num_frames": torch.tensor([s["pixels"].shape[0] for s in good]), "failed": failed}
+
+
+def clip_batches(ann, videos, frames, size, batch_size, workers):
+    """Batches (videos, pixels, num_frames, failed) of `videos`, in order."""
+    from hvfm.data.dataset import _worker_init
+    ds = ClipDataset(ann, videos, frames, size)
+    if len(ds) == 0:
+        return iter(())
+    return iter(torch.utils.data.DataLoader(
+        ds, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=_collate,
+        worker_init_fn=_worker_init if workers else None, timeout=300 if workers else 0))
+
+
+def subset_annotations(ann, keep):
+    """The annotation restricted to the videos `keep` (sorted indices), captions in order."""
+    keep = [int(v) for v in keep]
+    return Annotations(ann.source, ann.root, [ann.videos[v] for v in keep],
+                       [ann.captions_of(v) for v in keep], [ann.alt_videos[v] for v in keep],
+                       extra=[ann.extra[v] for v in keep] if ann.extra else [], dropped=ann.dropped)
+
+
+def _missing_videos(ann):
+    return [v for v in range(ann.num_videos) if not ann.resolve(v).exists()]
+
+
+def read_multiple_choice(path, video_root, clean=clean_caption):
+    """(Annotations whose captions are each question's options, answers) of a JSON list of
+    {"video", "options": [text, ...], "answer": index}."""
+    from hvfm.data.annotations import _check_file, _check_root
+    path = _check_file(path)
+    root = _check_root(video_root, path)
+    entries = _read_json_list(path)
+    videos, options, answers, extra = [], [], [], []
+    for i, e in enumerate(entries):
+        if not isinstance(e, dict) or not {"video", "options", "answer"} <= set(e):
+            raise DataError(f'{path}: entry {i} lacks "video", "options" or "answer"; a multiple-'
+                            f'choice entry needs all three')
+        opts = e["options"]
+        if not isinstance(opts, list) or len(opts) < 2 or not all(isinstance(o, str) for o in opts):
+            raise DataError(f'{path}: entry {i} ("{e["video"]}"): "options" must be a list of at '
+                            f'least two texts')
+        a = e["answer"]
+        if isinstance(a, bool) or not isinstance(a, int) or not 0 <= a < len(opts):
+            raise DataError(f'{path}: entry {i} ("{e["video"]}"): "answer" must be an option '
+                            f'index in [0, {len(opts)}), got {a!r}')
+        videos.append(str(e["video"]))
+        options.append([clean(o) if clean else o for o in opts])
+        answers.append(a)
+        extra.append({k: v for k, v in e.items() if k not in ("video", "options", "answer")})
+    return Annotations(path, root, videos, options, extra=extra), np.array(answers, np.int64)
+
+
+def _read_json_list(path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            entries = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: not valid JSON ({e}); expected a list of "
+                        f'{{"video", "caption"}} or {{"video", "options", "answer"}}') from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot read the annotation file ({e.strerror})") from None
+    if not isinstance(entries, list) or not entries:
+        raise DataError(f'{path}: expected a non-empty JSON list of {{"video", "caption"}} or '
+                        f'{{"video", "options", "answer"}} entries')
+    return entries
+
+
+def detect_format(path):
+    """"retrieval" or "mc" from the first entry's keys (a .csv is a WebVid retrieval file)."""
+    from hvfm.data.annotations import _check_file
+    path = _check_file(path)
+    if str(path).lower().endswith(".csv"):
+        return "retrieval"
+    first = _read_json_list(path)[0]
+    if isinstance(first, dict) and "options" in first:
+        return "mc"
+    if isinstance(first, dict) and "caption" in first:
+        return "retrieval"
+    raise DataError(f'{path}: entry 0 has neither "caption" (retrieval) nor "options" (multiple '
+                    f'choice); expected {{"video", "caption"}} or {{"video", "options", "answer"}}')
+
+
+# ============================================================================ encoding
+
+def _view_rng(seed, view, first, device):
+    """Host (keep counts) and device (which patches) generators of one view of one batch."""
+    ss = np.random.SeedSequence([int(seed) & 0xFFFFFFFF, view, int(first)])
+    gen = torch.Generator(device=device).manual_seed(int(ss.generate_state(1, np.uint64)[0] >> 2))
+    return np.random.default_rng(ss), gen
+
+
+def _max_tokens(model):
+    """Captions are truncated to CLIP's 77 tokens, or fewer if the text tower has fewer positions."""
+    from hvfm.data.text import MAX_LENGTH
+    return min(MAX_LENGTH, model.text.position_embedding.num_embeddings)
+
+
+@torch.no_grad()
+def encode_texts(model, tokenizer, captions, batch_size=32, progress=False):
+    """(n, P) L2-normalised float32 CPU embeddings."""
+    from tqdm import tqdm
+
+    out = []
+    for s in tqdm(range(0, len(captions), batch_size), desc="texts", disable=not progress,
+                  leave=False, file=sys.stderr):
+        ids, attn, _ = tokenize(tokenizer, captions[s:s + batch_size], _max_tokens(model))
+        out.append(model.encode_text(ids, attn).float().cpu())
+    dim = model.text.text_projection.out_features
+    return torch.cat(out) if out else torch.zeros(0, dim)
+
+
+@torch.no_grad()
+def encode_videos(model, ann, videos, frames=8, size=96, batch_size=32, workers=0,
+                  drop_ratio=None, views=1, seed=0, dtype=torch.float32, progress=False,
+                  pool="joint"):
+    """((views, len(videos), P) L2-normalised float32 CPU embeddings (zeros for a failed video),
+    {video index: (path, reason)} of the videos that did not decode)."""
+    from tqdm import tqdm
+
+    dim = model.video.visual_projection.out_features
+    emb = torch.zeros(views, len(videos), dim)
+    where = {int(v): i for i, v in enumerate(videos)}
+    failed = {}
+    n_batches = -(-len(videos) // batch_size)
+    for b in tqdm(clip_batches(ann, videos, frames, size, batch_size, workers), total=n_batches,
+                  desc="videos", disable=not progress, leave=False, file=sys.stderr):
+        failed.update(b["failed"])
+        if not b["videos"]:
+            continue
+        pixels = b["pixels"].to(model.device, dtype)
+        cols = [where[v] for v in b["videos"]]
+        for view in range(views):
+            rng, gen = (None, None) if drop_ratio is None else \
+                _view_rng(seed, view, b["videos"][0], pixels.device)
+            emb[view, cols] = _video_embeds(model, pixels, b["num_frames"], drop_ratio, rng, gen,
+                                            pool).cpu()
+    return emb, failed
+
+
+def _video_embeds(model, pixels, num_frames, drop_ratio, rng, gen, pool="joint"):
+    """(B, P) L2-normalised float32 clip embeddings. pool "joint": one sequence of every frame's
+    patches; "mean": each frame encoded as an image, the normalised embeddings averaged (and
+    normalised again)."""
+    normalize = torch.nn.functional.normalize
+    if pool == "joint":
+        out = model.video(pixels, num_frames, drop_ratio, rng, generator=gen)
+        return normalize(out.embeds.float(), dim=-1)
+    nf = [int(n) for n in num_frames]
+    frames = torch.cat([pixels[i, :n] for i, n in enumerate(nf)])[:, None]
+    out = model.video(frames, np.ones(len(frames), np.int64), drop_ratio, rng, generator=gen)
+    per_frame = normalize(out.embeds.float(), dim=-1).split(nf)
+    return normalize(torch.stack([f.mean(0) for f in per_frame]), dim=-1)
+
+
+@torch.no_grad()
+def vtm_scores(model, tokenizer, ann, captions, pair_text, pair_video, frames=8, size=96,
+               batch_size=32, workers=0, drop_ratio=None, seed=0, dtype=torch.float32,
+               score="prob", progress=False, pool=None):
+    """VTM score of each (caption pair_text[j], video pair_video[j]) through the fusion encoder:
+    the match probability, or with score="logit" the log-odds logit_match - logit_nomatch. Each
+    video is encoded once (the first view's patches, all frames in one sequence whatever `pool`);
+    NaN where the video did not decode."""
+    from tqdm import tqdm
+
+    from hvfm.model import gather_sequences, host_lengths
+
+    pair_text, pair_video = np.asarray(pair_text, np.int64), np.asarray(pair_video, np.int64)
+    values = np.full(len(pair_text), np.nan)
+    by_video = {}
+    for j, v in enumerate(pair_video):
+        by_video.setdefault(int(v), []).append(j)
+    videos = sorted(by_video)
+    for b in tqdm(clip_batches(ann, videos, frames, size, batch_size, workers),
+                  total=-(-len(videos) // batch_size), desc="re-rank", disable=not progress,
+                  leave=False, file=sys.stderr):
+        if not b["videos"]:
+            continue
+        pixels = b["pixels"].to(model.device, dtype)
+        rng, gen = (None, None) if drop_ratio is None else \
+            _view_rng(seed, 0, b["videos"][0], pixels.device)
+        v = model.video(pixels, b["num_frames"], drop_ratio, rng, generator=gen)
+        local = {vid: i for i, vid in enumerate(b["videos"])}
+        pairs = [j for vid in b["videos"] for j in by_video[vid]]
+        for s in range(0, len(pairs), batch_size):
+            chunk = pairs[s:s + batch_size]
+            ids, attn, _ = tokenize(tokenizer, [captions[pair_text[j]] for j in chunk],
+                                    _max_tokens(model))
+            t = model.text(ids.to(model.device), host_lengths(attn))
+            vx, vs = gather_sequences(v.tokens, v.varlen, [local[int(pair_video[j])] for j in chunk])
+            h = model.fusion(t.tokens, t.varlen, vx, vs)
+            logits = model.fusion.vtm_logits(h, t.varlen).float()
+            val = logits.softmax(-1)[:, 1] if score == "prob" else logits[:, 1] - logits[:, 0]
+            values[chunk] = val.cpu().numpy()
+    return values
+
+
+def _encode_all(model, tokenizer, ann, shard, batch_size, progress, **kw):
+    """(text embeddings (n_captions, P), video embeddings (views, n_videos, P), failed videos),
+    every rank encoding a contiguous shard of each when `shard` and a process group is up."""
+    rank, world = dist_info() if shard else (0, 1)
+    a, b = shard_range(ann.num_videos, rank, world)
+    vemb, failed = encode_videos(model, ann, range(a, b), batch_size=batch_size,
+                                 progress=progress and rank == 0, **kw)
+    captions = list(ann.pair_caption)
+    c, d = shard_range(len(captions), rank, world)
+    temb = encode_texts(model, tokenizer, captions[c:d], batch_size, progress and rank == 0)
+    if world > 1:
+        parts = all_gather_list((vemb, failed, temb), world)
+        vemb = torch.cat([p[0] for p in parts], 1)
+        temb = torch.cat([p[2] for p in parts])
+        failed = {k: v for p in parts for k, v in p[1].items()}
+    return temb, vemb, failed
+
+
+def _vtm_all(model, tokenizer, ann, pair_text, pair_video, shard, **kw):
+    """`vtm_scores` of the pairs, each rank scoring the pairs whose video is in its shard."""
+    rank, world = dist_info() if shard else (0, 1)
+    pair_video = np.asarray(pair_video, np.int64)
+    a, b = shard_range(ann.num_videos, rank, world)
+    mine = np.nonzero((pair_video >= a) & (pair_video < b))[0]
+    vals = vtm_scores(model, tokenizer, ann, list(ann.pair_caption), np.asarray(pair_text)[mine],
+                      pair_video[mine], progress=kw.pop("progress", False) and rank == 0, **kw)
+    out = np.full(len(pair_video), np.nan)
+    for idx, v in all_gather_list((mine, vals), world):
+        out[idx] = v
+    return out
+
+
+def _warn(msg):
+    print(f"warning: {msg}", file=sys.stderr, flush=True)
+
+
+def _exclude(ann, bad, how, missing_mode, report):
+    """Drop the videos `bad` ({video: (path, reason)}) under missing_mode 'exclude' (one warning
+    line), raise under 'raise'. Returns (annotation, kept video indices)."""
+    if not bad:
+        return ann, np.arange(ann.num_videos)
+    path, reason = bad[min(bad)]
+    what = f"missing under {ann.root}" if how == "missing" else "do not decode"
+    if missing_mode == "raise":
+        if how == "missing":
+            raise DataError(f"{ann.source}: {len(bad)} video(s) missing under {ann.root}, "
+                            f"first: {path}; check --video-root")
+        raise DataError(f"{ann.source}: {len(bad)} video(s) do not decode, first: {path} ({reason})")
+    keep = np.array([v for v in range(ann.num_videos) if v not in bad], np.int64)
+    if len(keep) == 0:
+        raise DataError(f"{ann.source}: no video could be read (all {ann.num_videos} {what}, "
+                        f"first: {path}); check --video-root")
+    if report:
+        n_caps = sum(int(ann.video_pairs[v + 1] - ann.video_pairs[v]) for v in bad)
+        _warn(f"{ann.source}: {len(bad)} of {ann.num_videos} video(s) {what}, excluded with their "
+              f"{n_caps} caption(s); first: {path}" + ("" if how == "missing" else f" ({reason})"))
+    return subset_annotations(ann, keep), keep
+
+
+def _encode_checked(model, tokenizer, ann, missing, shard, batch_size, progress, **kw):
+    """Exclude (or raise on) missing and undecodable videos, encode the rest. Returns (annotation
+    of the kept videos, their indices in `ann`, text emb, video emb, exclusion counts)."""
+    rank, _ = dist_info() if shard else (0, 1)
+    model.eval()
+    n_videos, n_caps = ann.num_videos, len(ann)
+    miss = {v: (str(ann.resolve(v)), "missing file") for v in _missing_videos(ann)}
+    ann, kept = _exclude(ann, miss, "missing", missing, rank == 0)
+    temb, vemb, failed = _encode_all(model, tokenizer, ann, shard, batch_size, progress, **kw)
+    first = [miss[min(miss)][0]] if miss else []
+    if failed:
+        first += [failed[min(failed)][0]]
+        before = ann
+        ann, keep = _exclude(ann, failed, "decode", missing, rank == 0)
+        rows = np.concatenate([np.arange(before.video_pairs[v], before.video_pairs[v + 1])
+                               for v in keep]).astype(np.int64)
+        vemb, temb = vemb[:, torch.as_tensor(keep)], temb[torch.as_tensor(rows)]
+        kept = kept[keep]
+    info = {"excluded": n_videos - ann.num_videos, "excluded_captions": n_caps - len(ann)}
+    if first:
+        info["excluded_first"] = first[0]
+    return ann, kept, temb, vemb, info
+
+
+def _similarity(temb, vemb):
+    """Mean over views of the (n_text, n_video) cosine similarities, float64 numpy."""
+    return torch.stack([temb @ v.T for v in vemb]).double().mean(0).numpy()
 
 
 @torch.no_grad()
 def score_matrix(model, tokenizer, ann, frames=8, size=96, batch_size=32, workers=0,
-                 drop_ratio=None, progress=False, dtype=torch.float32):
-    """(n_captions, n_videos) cosine similarities, rows and columns in annotation order."""
-    from tqdm import tqdm
-
-    model.eval()
-    missing = [str(ann.resolve(i)) for i in range(ann.num_videos) if not ann.resolve(i).exists()]
-    if missing:
-        raise DataError(f"{ann.source}: {len(missing)} video(s) missing under {ann.root}, "
-                        f"first: {missing[0]}; check --video-root")
-    loader = build_loader(_video_view(ann), tokenizer, batch_size=batch_size, frames=frames,
-                          size=size, train=False, num_workers=workers, max_retries=0)
-    videos, rng = [], np.random.default_rng(0)
-    for batch in tqdm(loader, desc="videos", disable=not progress, leave=False):
-        pixels = batch["pixels"].to(dtype)
-        videos.append(model.encode_video(pixels, batch["num_frames"], drop_ratio, rng).float().cpu())
-    captions = list(ann.pair_caption)
-    texts = []
-    for s in range(0, len(captions), batch_size):
-        ids, attn, _ = tokenize(tokenizer, captions[s:s + batch_size])
-        texts.append(model.encode_text(ids, attn).float().cpu())
-    return (torch.cat(texts) @ torch.cat(videos).T).numpy()
+                 drop_ratio=None, progress=False, dtype=torch.float32, views=1, seed=0,
+                 pool="joint"):
+    """(n_captions, n_videos) cosine similarities, rows and columns in annotation order (raises
+    DataError when a video is missing or does not decode)."""
+    _, _, temb, vemb, _ = _encode_checked(model, tokenizer, ann, "raise", False, batch_size,
+                                          progress, frames=frames, size=size, workers=workers,
+                                          drop_ratio=drop_ratio, views=views, seed=seed,
+                                          dtype=dtype, pool=pool)
+    return _similarity(temb, vemb)
 
 
+def _check_options(views, drop_ratio, rerank_k=0, rerank_score="prob"):
+    from hvfm.model import parse_drop_ratio
+    try:
+        parse_drop_ratio(drop_ratio)
+    except ValueError as e:
+        raise DataError(f"--eval-drop-ratio: {e}") from None
+    if int(views) < 1:
+        raise DataError(f"--views {views}: give a positive number of views")
+    if views > 1 and drop_ratio is None:
+        raise DataError(f"--views {views}: several views differ only by their random patch drop; "
+                        f"pass --eval-drop-ratio too")
+    if rerank_k < 0:
+        raise DataError(f"--rerank-k {rerank_k}: give 0 (off) or a positive number")
+    if rerank_score not in ("prob", "logit"):
+        raise DataError(f"--rerank-score {rerank_score}: choose prob or logit")
+
+
+@torch.no_grad()
 def evaluate(model, tokenizer, ann, frames=8, size=96, batch_size=32, workers=0, drop_ratio=None,
-             progress=False, dump_scores=None, dtype=torch.float32):
-    scores = score_matrix(model, tokenizer, ann, frames, size, batch_size, workers, drop_ratio,
-                          progress, dtype)
-    if dump_scores:
-        np.save(dump_scores, scores)
-    metrics = retrieval_metrics(scores, ann.pair_video)
+             progress=False, dump_scores=None, dtype=torch.float32, *, views=1, seed=0,
+             rerank_k=0, rerank_score="prob", dsl=False, dsl_temp=DSL_TEMP, missing="raise",
+             shard=False, pool="joint"):
+    """Retrieval metrics of `ann` (and temporal accuracy when it has groups).
+
+    missing: "raise" (DataError on a missing or undecodable video) or "exclude" (warn once,
+    evaluate the rest, count them as `excluded`). shard: split the encoding across the ranks of
+    the process group (all ranks must call; not for ZeRO-3 partitioned models). `dump_scores`
+    saves the raw similarity matrix (mean over views; before DSL / re-ranking)."""
+    _check_options(views, drop_ratio, rerank_k, rerank_score)
+    enc = dict(frames=frames, size=size, workers=workers, drop_ratio=drop_ratio, seed=seed,
+               dtype=dtype, pool=pool)
+    ann, _, temb, vemb, info = _encode_checked(model, tokenizer, ann, missing, shard, batch_size,
+                                               progress, views=views, **enc)
+    sims = _similarity(temb, vemb)
+    if dump_scores and dist_info()[0] == 0:
+        np.save(dump_scores, sims.astype(np.float32))
+    t2v, v2t = dual_softmax(sims, dsl_temp) if dsl else (sims, sims)
+    if rerank_k:
+        top_t = topk_indices(t2v, rerank_k)  # per text: videos
+        top_v = topk_indices(v2t.T, rerank_k)  # per video: texts
+        pairs = sorted({(i, int(v)) for i, row in enumerate(top_t) for v in row} |
+                       {(int(t), j) for j, row in enumerate(top_v) for t in row})
+        where = {p: n for n, p in enumerate(pairs)}
+        vals = _vtm_all(model, tokenizer, ann, [p[0] for p in pairs], [p[1] for p in pairs], shard,
+                        batch_size=batch_size, score=rerank_score, progress=progress, **enc)
+        vt = np.array([[vals[where[(i, int(v))]] for v in row] for i, row in enumerate(top_t)])
+        vv = np.array([[vals[where[(int(t), j)]] for t in row] for j, row in enumerate(top_v)])
+        t2v = rerank_topk(t2v, top_t, vt)
+        v2t = rerank_topk(v2t.T, top_v, vv).T
+    metrics = retrieval_metrics(t2v, ann.pair_video, v2t)
     if ann.extra and all("group" in e for e in ann.extra):
-        metrics.update(temporal_accuracy(scores, ann.pair_video, [e["group"] for e in ann.extra],
+        metrics.update(temporal_accuracy(t2v, ann.pair_video, [e["group"] for e in ann.extra],
                                          [e.get("kind", "all") for e in ann.extra]))
-    metrics.update(frames=frames, videos=ann.num_videos, captions=len(ann))
+    metrics.update(frames=frames, videos=ann.num_videos, captions=len(ann), **info, views=views,
+                   drop_ratio=drop_ratio, seed=seed, pool=pool, rerank_k=rerank_k, dsl=bool(dsl))
+    if rerank_k:
+        metrics["rerank_score"] = rerank_score
+    if dsl:
+        metrics["dsl_temp"] = dsl_temp
     return metrics
 
 
-def load_checkpoint(path, attn="sdpa"):
-    """(model, tokenizer, kind) from an `OUTPUT_DIR/final` export or a plain HF CLIP folder (image
-    CLIP applied to frames, with a fresh fusion encoder that retrieval does not use)."""
-    from hvfm.model import VideoLanguageModel, add_mask_token, load_clip
-    from hvfm.export import is_export, load_export
+@torch.no_grad()
+def evaluate_mc(model, tokenizer, ann, answers, frames=8, size=96, batch_size=32, workers=0,
+                drop_ratio=None, progress=False, dtype=torch.float32, *, views=1, seed=0, by="sim",
+                missing="exclude", shard=False, pool="joint"):
+    """Multiple-choice accuracy (percent): `ann` holds each question's options as its captions
+    (see read_multiple_choice), `answers` the right option of each question."""
+    _check_options(views, drop_ratio)
+    if by not in ("sim", "vtm"):
+        raise DataError(f"--mc-by {by}: choose sim or vtm")
+    enc = dict(frames=frames, size=size, workers=workers, drop_ratio=drop_ratio, seed=seed,
+               dtype=dtype, pool=pool)
+    ann, kept, temb, vemb, info = _encode_checked(model, tokenizer, ann, missing, shard,
+                                                  batch_size, progress, views=views, **enc)
+    answers = np.asarray(answers)[kept]
+    pv = torch.as_tensor(ann.pair_video)
+    if by == "sim":
+        scores = torch.stack([(temb * v[pv]).sum(-1) for v in vemb]).double().mean(0).numpy()
+    else:
+        scores = _vtm_all(model, tokenizer, ann, np.arange(len(ann)), ann.pair_video, shard,
+                          batch_size=batch_size, score="prob", progress=progress, **enc)
+    acc, chance = mc_accuracy(scores, ann.video_pairs, answers)
+    return {"mc_acc": 100.0 * acc, "mc_chance": 100.0 * chance, "mc_by": by, "frames": frames,
+            "questions": ann.num_videos, "videos": ann.num_videos, "captions": len(ann), **info,
+            "views": views, "drop_ratio": drop_ratio, "seed": seed, "pool": pool}
 
-    path = Path(path)
-    if is_export(path):
-        model, tokenizer = load_export(path, attn=attn)
-        return model, tokenizer, "hvfm"
-    try:
-        clip, tokenizer = load_clip(str(path))
-    except ValueError as e:
-        raise DataError(f"{path}: not an hvfm export nor a CLIP folder ({e})") from None
-    add_mask_token(clip, tokenizer)
-    return VideoLanguageModel.from_clip(clip, tokenizer, attn=attn), tokenizer, "clip"
+
+# ============================================================================ checkpoints
+
+def load_checkpoint(path, attn="sdpa", tag=None, with_info=False, max_frames=16):
+    """(model, tokenizer, kind) -- and the info dict with `with_info` -- from an export
+    (OUTPUT_DIR/final), a DeepSpeed checkpoint folder or tag folder, a run folder, or a plain HF
+    CLIP folder (image CLIP applied to frames, with a fresh fusion encoder that retrieval does
+    not use). DataError for anything else."""
+    from hvfm.export import load_any
+    model, tokenizer, info = load_any(path, attn=attn, tag=tag, max_frames=max_frames)
+    return (model, tokenizer, info["kind"], info) if with_info else (model, tokenizer, info["kind"])
 
 
-def main(argv=None):
+# ============================================================================ CLI
+
+def format_table(m):
+    """A human-readable summary of the output object."""
+    head = (f"{m.get('checkpoint')} ({m.get('kind')}) on {m.get('ann')}: {m.get('videos')} "
+            f"videos, {m.get('captions')} {'options' if 'mc_acc' in m else 'captions'}, "
+            f"{m.get('excluded', 0)} excluded")
+    setup = (f"frames {m.get('frames')}, views {m.get('views')}, drop ratio {m.get('drop_ratio')}, "
+             f"re-rank k {m.get('rerank_k', 0)}, DSL {'on' if m.get('dsl') else 'off'}, "
+             f"merge alpha {'off' if m.get('merge_alpha') is None else m['merge_alpha']}")
+    lines = [head, setup]
+    if "mc_acc" in m:
+        lines.append(f"multiple choice by {m['mc_by']}: accuracy {m['mc_acc']:.1f}% over "
+                     f"{m['questions']} questions (chance {m['mc_chance']:.1f}%)")
+        return "\n".join(lines)
+    lines.append(f"{'':5}{'R@1':>7}{'R@5':>7}{'R@10':>7}{'MdR':>7}{'MnR':>8}")
+    for d in ("t2v", "v2t"):
+        lines.append(f"{d:5}{m[d + '_r1']:7.1f}{m[d + '_r5']:7.1f}{m[d + '_r10']:7.1f}"
+                     f"{m[d + '_medr']:7.1f}{m[d + '_meanr']:8.1f}")
+    if "temporal_acc" in m:
+        lines.append(f"temporal accuracy {m['temporal_acc']:.3f} (chance {m['temporal_chance']:.3f})")
+    return "\n".join(lines)
+
+
+def _init_distributed():
+    """Join the process group of a torchrun / deepspeed launch (WORLD_SIZE > 1). True if this
+    call created it."""
+    import torch.distributed as dist
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not dist.is_available() or dist.is_initialized():
+        return False
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group("nccl" if cuda else "gloo")
+    return True
+
+
+def parse_args(argv=None):
     ap = argparse.ArgumentParser(prog="python -m hvfm.evaluate", description=__doc__.split("\n")[0])
-    ap.add_argument("--checkpoint", required=True, help="OUTPUT_DIR/final or an HF CLIP folder")
-    ap.add_argument("--ann", required=True, help='JSON list of {"video", "caption"}')
+    ap.add_argument("--checkpoint", required=True,
+                    help="OUTPUT_DIR/final, OUTPUT_DIR/checkpoints (or a tag folder), OUTPUT_DIR, "
+                         "or an HF CLIP folder")
+    ap.add_argument("--ann", required=True, help='JSON list of {"video", "caption"} (retrieval) or '
+                                                 '{"video", "options", "answer"} (multiple choice)')
     ap.add_argument("--video-root", required=True)
+    ap.add_argument("--tag", help="DeepSpeed checkpoint tag (default: the 'latest' file's)")
     ap.add_argument("--frames", type=int, default=8)
     ap.add_argument("--size", type=int, default=None, help="frame side (default: the model's)")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--pool", choices=("auto", "joint", "mean"), default="auto",
+                    help="frames in one sequence (joint) or each frame as an image, embeddings "
+                         "averaged (mean); auto: mean for a plain CLIP folder, else joint")
+    ap.add_argument("--paragraph", action="store_true",
+                    help="join a video's caption list into one paragraph (DiDeMo, ActivityNet)")
     ap.add_argument("--eval-drop-ratio", default=None, help="drop patches at test time too")
+    ap.add_argument("--views", type=int, default=1,
+                    help="average the similarity over N random drops (needs --eval-drop-ratio)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the random drops")
+    ap.add_argument("--rerank-k", type=int, default=0, help="re-rank each query's top k by VTM (0: off)")
+    ap.add_argument("--rerank-score", choices=("prob", "logit"), default="prob")
+    ap.add_argument("--dsl", action="store_true", help="dual-softmax re-scoring of the similarity")
+    ap.add_argument("--dsl-temp", type=float, default=DSL_TEMP)
+    ap.add_argument("--mc-by", choices=("sim", "vtm"), default="sim",
+                    help="multiple choice: pick by similarity or by VTM match probability")
+    ap.add_argument("--merge-with-clip", type=float, default=None, metavar="ALPHA",
+                    help="evaluate theta = ALPHA*theta_clip + (1-ALPHA)*theta_post")
+    ap.add_argument("--clip", help="original CLIP folder for --merge-with-clip (default: the run's "
+                                   "--clip, else OUTPUT_DIR/init_clip)")
     ap.add_argument("--attn", default="sdpa")
-    ap.add_argument("--dump-scores", help="save the caption-by-video score matrix (.npy)")
-    args = ap.parse_args(argv)
+    ap.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK when available, else cpu")
+    ap.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32")
+    ap.add_argument("--dump-scores", help="save the caption-by-video similarity matrix (.npy)")
+    ap.add_argument("--table", action="store_true", help="print the table on stdout (above the JSON)")
+    ap.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    return ap.parse_args(argv)
+
+
+def run(args):
+    """The CLI's work: returns the output object (rank 0's is printed by main)."""
+    from hvfm.export import default_clip_dir, merge_with_clip
+
+    if args.clip and args.merge_with_clip is None:
+        raise DataError("--clip is only used with --merge-with-clip ALPHA")
+    if args.frames < 1:
+        raise DataError(f"--frames {args.frames}: give at least one frame")
+    _check_options(args.views, args.eval_drop_ratio, args.rerank_k, args.rerank_score)
+    fmt = detect_format(args.ann)
+    if fmt == "mc":
+        ann, answers = read_multiple_choice(args.ann, args.video_root)
+    else:
+        ann = read_annotations(args.ann, args.video_root, paragraph=args.paragraph,
+                               clean=clean_caption)
+    model, tokenizer, kind, info = load_checkpoint(args.checkpoint, args.attn, args.tag,
+                                                   with_info=True, max_frames=args.frames)
+    if args.frames > model.video.max_frames:
+        raise DataError(f"--frames {args.frames}: the model's temporal embedding has "
+                        f"{model.video.max_frames} frames")
+    out = {"checkpoint": str(args.checkpoint), "kind": kind, "ann": str(args.ann),
+           "video_root": str(args.video_root), "task": "multiple_choice" if fmt == "mc" else "retrieval"}
+    if info.get("tag"):
+        out["tag"] = info["tag"]
+    merge = {"merge_alpha": None}
+    if args.merge_with_clip is not None:
+        clip_dir = args.clip or default_clip_dir(info)
+        if clip_dir is None:
+            raise DataError("--merge-with-clip needs --clip DIR (the original CLIP folder); there "
+                            "is no OUTPUT_DIR/init_clip or run_config.json next to the checkpoint")
+        n = merge_with_clip(model, clip_dir, args.merge_with_clip)
+        merge = {"merge_alpha": args.merge_with_clip, "merge_clip": str(clip_dir), "merged_tensors": n}
+    device = args.device or (f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+                             if torch.cuda.is_available() else "cpu")
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    model.to(device=device, dtype=dtype)
+    size = args.size or model.video.image_size
+    pool = args.pool if args.pool != "auto" else ("mean" if kind == "clip" else "joint")
+    common = dict(frames=args.frames, pool=pool, size=size, batch_size=args.batch_size,
+                  workers=args.workers, drop_ratio=args.eval_drop_ratio, progress=True,
+                  dtype=dtype, views=args.views, seed=args.seed, missing="exclude", shard=True)
+    if fmt == "mc":
+        metrics = evaluate_mc(model, tokenizer, ann, answers, by=args.mc_by, **common)
+        metrics.update(rerank_k=0, dsl=False)
+    else:
+        metrics = evaluate(model, tokenizer, ann, dump_scores=args.dump_scores,
+                           rerank_k=args.rerank_k, rerank_score=args.rerank_score, dsl=args.dsl,
+                           dsl_temp=args.dsl_temp, **common)
+        metrics["paragraph"] = bool(args.paragraph)
+    return {**out, **metrics, "size": size, **merge, "attn": args.attn, "dtype": args.dtype,
+            "world_size": dist_info()[1]}
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    created = _init_distributed()
+    rank = dist_info()[0]
+    code, metrics = 0, None
     try:
-        model, tokenizer, kind = load_checkpoint(args.checkpoint, args.attn)
-        ann = read_annotations(args.ann, args.video_root, clean=clean_caption)
-        size = args.size or model.video.image_size
-        metrics = evaluate(model, tokenizer, ann, args.frames, size, args.batch_size, args.workers,
-                           args.eval_drop_ratio, progress=True, dump_scores=args.dump_scores)
+        metrics = run(args)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    metrics.update(checkpoint=str(args.checkpoint), kind=kind, ann=str(args.ann))
-    print(json.dumps(metrics))
+        code = 2
+    finally:
+        if created:
+            import torch.distributed as dist
+            dist.destroy_process_group()
+    if code:
+        sys.exit(code)
+    if rank == 0:
+        table = format_table(metrics)
+        print(table, file=sys.stdout if args.table else sys.stderr, flush=True)
+        print(json.dumps(metrics), flush=True)
     return metrics
 
 

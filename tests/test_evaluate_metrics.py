@@ -1,8 +1,12 @@
-"""Retrieval metrics and temporal accuracy on hand-made score matrices with known ranks."""
+"""Retrieval metrics, temporal accuracy, dual softmax, re-ranking, multiple choice and sharding
+on hand-made score matrices with known ranks."""
+import math
+
 import numpy as np
 import pytest
 
-from hvfm.evaluate import ranks, retrieval_metrics, temporal_accuracy
+from hvfm.evaluate import (dual_softmax, mc_accuracy, ranks, recall_metrics, rerank_topk,
+                           retrieval_metrics, shard_range, temporal_accuracy, topk_indices)
 
 
 def test_ranks_known_matrix_and_ties():
@@ -51,8 +55,144 @@ def test_temporal_accuracy_within_groups():
         scores[i, i] = 1.0
     scores[1, 2] = 2.0      # caption 1 prefers video 2 of its own group: a miss
     scores[4, 0] = 5.0      # a video of another group scores higher: irrelevant within the group
-    scores[5, 4] = 1.0      # tie with its own video: a miss
+    scores[5, 4] = 1.0      # two-way tie with its own video: half a hit
+    scores[3, 0] = scores[3, 1] = 1.0 + 1e-7  # three-way tie at the top (within tolerance)
     m = temporal_accuracy(scores, np.arange(6), groups, kinds)
-    assert m["temporal_acc"] == pytest.approx(4 / 6)
-    assert m["temporal_acc_motion"] == pytest.approx(3 / 4) and m["temporal_acc_order"] == 0.5
+    assert m["temporal_acc"] == pytest.approx((1 + 0 + 1 + 1 / 3 + 1 + 0.5) / 6)
+    assert m["temporal_acc_motion"] == pytest.approx((2 + 1 / 3) / 4)
+    assert m["temporal_acc_order"] == pytest.approx(0.75)
     assert m["temporal_chance"] == pytest.approx((4 * 0.25 + 2 * 0.5) / 6)
+
+
+def test_temporal_accuracy_of_a_blind_model_is_chance():
+    groups = np.repeat(np.arange(5), [4, 2, 4, 2, 4])
+    scores = np.random.default_rng(0).normal(size=(len(groups), len(groups)))
+    scores = np.take_along_axis(scores, np.zeros_like(scores, dtype=int), 1)  # rows constant
+    m = temporal_accuracy(scores, np.arange(len(groups)), groups)
+    assert m["temporal_acc"] == pytest.approx(m["temporal_chance"])
+
+
+def test_mean_and_median_rank():
+    m = recall_metrics(np.array([1, 3, 2, 10]), "t2v")
+    assert m["t2v_meanr"] == 4.0 and m["t2v_medr"] == 2.5
+    assert m["t2v_r1"] == 25.0 and m["t2v_r5"] == 75.0 and m["t2v_r10"] == 100.0
+
+
+def test_tie_with_a_wrong_video_counts_against():
+    scores = np.array([[0.5, 0.5, 0.1],    # own video 0 tied with video 1 -> rank 2
+                       [0.2, 0.2, 0.2]])   # own video 1 tied with both -> rank 3
+    m = retrieval_metrics(scores, [0, 1])
+    assert m["t2v_r1"] == 0.0 and m["t2v_meanr"] == 2.5
+
+
+def test_several_captions_per_video_v2t_takes_the_best_caption():
+    # video 0 has captions 0, 1, 2; video 1 has caption 3. Video 0's best caption (caption 2, 0.7)
+    # is beaten only by caption 3 (0.8, wrong): rank 2, although its other captions rank lower.
+    scores = np.array([[0.1, 0.0],
+                       [0.2, 0.0],
+                       [0.7, 0.0],
+                       [0.8, 0.9]])
+    m = retrieval_metrics(scores, [0, 0, 0, 1])
+    assert m["v2t_meanr"] == (2 + 1) / 2 and m["v2t_r1"] == 50.0
+    # t2v: captions 0-2 rank video 0 first; caption 3 ranks video 1 first
+    assert m["t2v_r1"] == 100.0
+
+
+def test_separate_v2t_scores_are_used_for_v2t_only():
+    t2v = np.eye(3)
+    v2t = np.eye(3)[::-1].copy()
+    m = retrieval_metrics(t2v, np.arange(3), v2t)
+    assert m["t2v_r1"] == 100.0 and m["v2t_r1"] == pytest.approx(100 / 3)
+
+
+def test_dual_softmax_hand_computed():
+    # texts x videos; video 0 is a "hub" that both texts like. temp 10.
+    s = np.array([[0.6, 0.5],
+                  [0.7, 0.1]])
+    t2v, v2t = dual_softmax(s, temp=10.0)
+    e = math.e
+    # t2v: softmax over the texts of each video column: col 0 logits (6, 7), col 1 (5, 1)
+    expected_t2v = [[0.6 * 1 / (1 + e), 0.5 * e ** 4 / (1 + e ** 4)],
+                    [0.7 * e / (1 + e), 0.1 * 1 / (1 + e ** 4)]]
+    # v2t: softmax over the videos of each text row: row 0 logits (6, 5), row 1 (7, 1)
+    expected_v2t = [[0.6 * e / (1 + e), 0.5 * 1 / (1 + e)],
+                    [0.7 * e ** 6 / (1 + e ** 6), 0.1 * 1 / (1 + e ** 6)]]
+    np.testing.assert_allclose(t2v, expected_t2v, rtol=1e-12)
+    np.testing.assert_allclose(v2t, expected_v2t, rtol=1e-12)
+    # the hub no longer wins text 0: its own (video 1) does
+    assert retrieval_metrics(s, [1, 0])["t2v_r1"] == 50.0
+    assert retrieval_metrics(t2v, [1, 0], v2t)["t2v_r1"] == 100.0
+
+
+def test_dual_softmax_large_temperature_is_stable():
+    s = np.random.default_rng(0).uniform(-1, 1, (5, 7))
+    t2v, v2t = dual_softmax(s, temp=1e4)
+    assert np.isfinite(t2v).all() and np.isfinite(v2t).all()
+
+
+def test_topk_indices_best_first_ties_by_column():
+    s = np.array([[0.1, 0.9, 0.5, 0.9],
+                  [0.3, 0.2, 0.1, 0.0]])
+    assert topk_indices(s, 3).tolist() == [[1, 3, 2], [0, 1, 2]]
+    assert topk_indices(s, 10).shape == (2, 4)
+
+
+def test_rerank_only_reorders_within_the_top_k():
+    rng = np.random.default_rng(0)
+    scores = rng.uniform(-1, 1, (6, 9))
+    k = 3
+    top = topk_indices(scores, k)
+    values = rng.uniform(0, 1, (6, k))
+    out = rerank_topk(scores, top, values)
+    for i in range(6):
+        new_order = np.argsort(-out[i], kind="stable")
+        # the top k are the same set, now in the order of the VTM values
+        assert set(new_order[:k]) == set(top[i])
+        assert new_order[:k].tolist() == top[i][np.argsort(-values[i], kind="stable")].tolist()
+        # everything else keeps its score and its order, below the top k
+        rest = np.setdiff1d(np.arange(9), top[i])
+        np.testing.assert_array_equal(out[i, rest], scores[i, rest])
+        assert new_order[k:].tolist() == [j for j in np.argsort(-scores[i], kind="stable") if j in rest]
+        assert out[i, top[i]].min() > out[i, rest].max()
+
+
+def test_rerank_changes_recall_only_inside_the_top_k():
+    # caption i describes video i. Video i ranks 2nd by similarity; VTM puts it first.
+    n, k = 5, 2
+    scores = np.tile(np.linspace(1, 0, n), (n, 1))  # same order for everyone: video 0 first
+    for i in range(n):
+        scores[i] = np.roll(scores[i], i - 1)  # video i-1 first (1.0), video i second (0.75)
+    top = topk_indices(scores, k)
+    values = (top == np.arange(n)[:, None]).astype(float)  # VTM: own video 1, other 0
+    before = retrieval_metrics(scores, np.arange(n))
+    after = retrieval_metrics(rerank_topk(scores, top, values), np.arange(n))
+    assert before["t2v_r1"] == 0.0 and after["t2v_r1"] == 100.0
+    assert before["t2v_r5"] == after["t2v_r5"]
+
+
+def test_rerank_with_k_equal_to_all_columns():
+    scores = np.array([[0.3, 0.2, 0.1]])
+    out = rerank_topk(scores, topk_indices(scores, 3), np.array([[0.1, 0.9, 0.5]]))
+    assert np.argsort(-out[0]).tolist() == [1, 2, 0]
+
+
+def test_mc_accuracy_with_ties():
+    # three questions with 3, 2 and 4 options
+    pairs = np.array([0, 3, 5, 9])
+    scores = np.array([0.1, 0.9, 0.2,     # picks option 1 (answer 1): hit
+                       0.5, 0.5,          # two-way tie including the answer: half
+                       0.3, 0.8, 0.8, 0.1])  # tie of options 1, 2; answer 0: miss
+    acc, chance = mc_accuracy(scores, pairs, [1, 0, 0])
+    assert acc == pytest.approx((1 + 0.5 + 0) / 3)
+    assert chance == pytest.approx((1 / 3 + 1 / 2 + 1 / 4) / 3)
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4, 7])
+def test_shard_ranges_cover_everything_once_in_order(world):
+    for n in range(0, 12):
+        ranges = [shard_range(n, r, world) for r in range(world)]
+        assert np.concatenate([np.arange(a, b) for a, b in ranges]).tolist() == list(range(n))
+        sizes = [b - a for a, b in ranges]
+        assert max(sizes) - min(sizes) <= 1
+    with pytest.raises(ValueError):
+        shard_range(5, world, world)
