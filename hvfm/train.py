@@ -11,10 +11,14 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import difflib
+import errno
 import math
 import os
+import shutil
 import socket
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -24,12 +28,25 @@ if __package__ in (None, ""):  # run as a script (the deepspeed launcher does): 
 from hvfm.data import DataError, build_loader, read_annotations  # noqa: E402
 from hvfm.data.text import clean_caption, ensure_tokenizer, load_tokenizer  # noqa: E402
 
+# The built-in default (no data flags): the tiny preset from random weights on the synthetic
+# corpus. A random model learns faster than a pretrained CLIP is fine-tuned, hence its own LR.
+BUILTIN = {"max_steps": 600, "lr": 5e-4, "max_minutes": 10.0}
 ATTN_CHOICES = ("auto", "sdpa", "torch-varlen", "triton", "flash_attn", "xformers")
 PRESETS = ("tiny", "vit-b16", "vit-l14")
 
 
 class ConfigError(ValueError):
     """A bad flag or config file: one line naming it and the fix."""
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written (disk full, ...): the previous one is intact. Exit 2."""
+    collective = True  # raised on every rank at the same point
+
+
+class NonFiniteError(RuntimeError):
+    """--max-nonfinite non-finite steps in a row: training stops, the last checkpoint is kept. Exit 3."""
+    collective = True
 
 
 def parse_args(argv=None):
@@ -60,13 +77,15 @@ def parse_args(argv=None):
     t.add_argument("--eval-drop-ratio", default=None)
     t.add_argument("--mask-ratio", type=float, default=0.5)
     t.add_argument("--loss-weights", default="1,1,1", help="VTC,VTM,MLM")
+    t.add_argument("--temporal-lr-mult", type=float, default=10.0,
+                   help="LR multiplier of the zero-initialised temporal embedding")
     t.add_argument("--reverse-negatives", action=argparse.BooleanOptionalAction, default=True,
                    help="the clip played backwards as an extra hard negative")
     o = ap.add_argument_group("schedule and output")
-    o.add_argument("--max-steps", type=int, default=None, help="default: 600 on the built-in data")
+    o.add_argument("--max-steps", type=int, default=None, help=f"default: {BUILTIN['max_steps']} on the built-in data")
     o.add_argument("--epochs", type=int, default=None)
-    o.add_argument("--max-minutes", type=float, default=None, help="stop training after this long")
-    o.add_argument("--lr", type=float, default=None, help="peak LR (default: the config's)")
+    o.add_argument("--max-minutes", type=float, default=None, help=f"stop training after this long (default: {BUILTIN['max_minutes']:g} on the built-in data)")
+    o.add_argument("--lr", type=float, default=None, help=f"peak LR (default: the config's; {BUILTIN['lr']} on the built-in data)")
     o.add_argument("--warmup-steps", type=int, default=None, help="default: 5%% of the steps")
     o.add_argument("--output-dir", default=None, help="default: runs/<date-time>")
     o.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: at the end)")
@@ -74,10 +93,77 @@ def parse_args(argv=None):
     o.add_argument("--log-every", type=int, default=10)
     o.add_argument("--no-eval", action="store_true", help="skip the before/after evaluation")
     o.add_argument("--seed", type=int, default=0)
+    r = ap.add_argument_group("reliability")
+    r.add_argument("--decode-timeout", type=float, default=30.0,
+                   help="abandon a video whose decode takes longer than this many seconds (the "
+                        "decoder runs in a watchdog child process, killed and replaced); 0: decode "
+                        "in the loader worker itself, no watchdog")
+    r.add_argument("--max-nonfinite", type=int, default=5,
+                   help="stop (exit code 3) after this many non-finite losses or gradients in a row; "
+                        "each one is skipped")
     return ap.parse_args(argv)
 
 
 # ----------------------------------------------------------------------------- checks before work
+
+# Top-level keys of a DeepSpeed config (docs: deepspeed.ai/docs/config-json, and the keys its
+# config parser reads). The installed DeepSpeed's own key constants are added at run time, so a
+# newer release's keys are accepted too; keys starting with "_" are comments.
+DS_CONFIG_KEYS = frozenset("""
+train_batch_size train_micro_batch_size_per_gpu gradient_accumulation_steps optimizer scheduler
+communication_data_type seq_parallel_communication_data_type prescale_gradients
+gradient_predivide_factor gradient_allreduce_op sparse_gradients fp16 bf16 bfloat16 amp
+torch_autocast gradient_clipping graph_harvesting zero_optimization zero_allow_untested_optimizer
+zero_force_ds_cpu_optimizer aio activation_checkpointing flops_profiler steps_per_print
+wall_clock_breakdown dump_state memory_breakdown tensorboard wandb csv_monitor comet comms_logger
+autotuning elasticity data_efficiency curriculum_learning compression_training checkpoint
+data_types sparse_attention pipeline quantize_training eigenvalue progressive_layer_drop
+disable_allgather dataloader_drop_last vocabulary_size expert_parallel
+use_data_before_expert_parallelism log_level legacy_fusion managed_gradient_accumulation
+disable_python_gc compile hybrid_engine weight_quantization sequence_parallel_size
+tensor_parallel nebula timers zenflow fp16_master_weights_and_grads
+""".split())
+
+
+def known_ds_keys():
+    keys = set(DS_CONFIG_KEYS)
+    try:
+        import deepspeed.runtime.constants as c
+        keys |= {v for k, v in vars(c).items() if k.isupper() and isinstance(v, str) and v.isidentifier()}
+    except Exception:  # noqa: BLE001 - DeepSpeed missing or changed: the built-in list alone
+        pass
+    return keys
+
+
+def check_ds_keys(path, cfg):
+    known = known_ds_keys()
+    for key in cfg:
+        if key.startswith("_") or key in known:
+            continue
+        close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.6)
+        hint = f'; did you mean "{close[0]}"?' if close else "; remove it"
+        raise ConfigError(f'{path}: unknown DeepSpeed config key "{key}"{hint}')
+
+
+def check_output_dir(out_dir):
+    """Fail at start, in one line, when `out_dir` cannot be created or written."""
+    out_dir = Path(out_dir).absolute()
+    probe_in = out_dir
+    while not probe_in.exists():
+        if probe_in.is_symlink():
+            raise ConfigError(f"--output-dir {out_dir}: {probe_in} is a dangling link")
+        probe_in = probe_in.parent
+    if not probe_in.is_dir():
+        raise ConfigError(f"--output-dir {out_dir}: {probe_in} is a file, not a folder; "
+                          f"choose another --output-dir")
+    try:
+        fd, name = tempfile.mkstemp(prefix=".hvfm-write-test-", dir=probe_in)
+        os.close(fd)
+        os.unlink(name)
+    except OSError as e:
+        raise ConfigError(f"--output-dir {out_dir}: cannot write in {probe_in} ({e.strerror}); "
+                          f"choose a writable --output-dir") from None
+
 
 def read_ds_config(path, world_size):
     try:
@@ -87,6 +173,8 @@ def read_ds_config(path, world_size):
         raise ConfigError(f"{path}: DeepSpeed config not found; pass --deepspeed ds_configs/z2.json") from None
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    if isinstance(cfg, dict):
+        check_ds_keys(path, cfg)  # first: a misspelt batch-size key is named as such
     if not isinstance(cfg, dict) or "train_micro_batch_size_per_gpu" not in cfg:
         raise ConfigError(f"{path}: missing train_micro_batch_size_per_gpu")
     micro, accum = cfg["train_micro_batch_size_per_gpu"], cfg.get("gradient_accumulation_steps", 1)
@@ -238,13 +326,26 @@ def build_model(args, tok_dir, out_dir, attn, rank):
     return model, tokenizer, clip.config, build
 
 
-def param_groups(model, weight_decay):
-    decay, no_decay = [], []
+TEMPORAL = "video.embeddings.temporal_embedding"
+
+
+def param_groups(model, weight_decay, lr, temporal_lr_mult=1.0):
+    """AdamW groups: no decay for biases, norms, embeddings and the temperature; the temporal
+    embedding (new, zero-initialised) in a group of its own at `lr * temporal_lr_mult`."""
+    decay, no_decay, temporal = [], [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.ndim < 2 or "embedding" in name or "logit_scale" in name else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        if name == TEMPORAL:
+            temporal.append(p)
+        elif p.ndim < 2 or "embedding" in name or "logit_scale" in name:
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if temporal:
+        groups.append({"params": temporal, "weight_decay": 0.0, "lr": lr * temporal_lr_mult})
+    return groups
 
 
 def lr_lambda(total_steps, warmup):
@@ -292,6 +393,9 @@ def train(args):
     cfg = read_ds_config(args.deepspeed, world_guess)
     out_dir = Path(args.output_dir) if args.output_dir else None
     ckpt_dir = out_dir / "checkpoints" if out_dir else None
+    check_output_dir(out_dir or "runs")
+    if args.decode_timeout < 0 or args.max_nonfinite < 1:
+        raise ConfigError("--decode-timeout must be >= 0 and --max-nonfinite >= 1")
     if args.resume and not (ckpt_dir / "latest").exists():
         raise ConfigError(f"--resume: no checkpoint in {ckpt_dir} (no 'latest' file); "
                           f"start without --resume or point --output-dir at a run that saved one")
@@ -299,6 +403,11 @@ def train(args):
         raise ConfigError(f"{out_dir} already holds a run; pass --resume to continue it or choose "
                           f"another --output-dir")
     attn = pick_attention(args.attn, cuda)
+    if args.resume and args.precision == "auto":  # keep the precision the run started with
+        try:
+            args.precision = json.loads((out_dir / "run_config.json").read_text())["precision"]
+        except (OSError, ValueError, KeyError):
+            pass
     precision, precision_probe = pick_precision(args.precision, cuda)
 
     rank, world = init_distributed(cuda)
@@ -307,18 +416,25 @@ def train(args):
         ckpt_dir = out_dir / "checkpoints"
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
+        for partial in ckpt_dir.glob(".tmp-*"):  # a save that was killed: never published
+            shutil.rmtree(partial, ignore_errors=True)
     dist.barrier()
 
     train_ann, eval_ann, tok_dir = prepare_data(args, out_dir, rank)
     model, tokenizer, clip_config, build = build_model(args, tok_dir, out_dir, attn, rank)
     size = args.size or model.video.image_size
     builtin = not (args.train_csv or args.train_json)
-    max_steps = args.max_steps or (600 if builtin else None)
+    max_steps = args.max_steps or (BUILTIN["max_steps"] if builtin else None)
+    if builtin and args.lr is None and args.clip is None:
+        args.lr = BUILTIN["lr"]
+    if builtin and args.max_minutes is None and args.max_steps is None:
+        args.max_minutes = BUILTIN["max_minutes"]  # a slow machine stops early, not late
     micro = cfg["train_micro_batch_size_per_gpu"]
     accum = cfg.get("gradient_accumulation_steps", 1)
     loader = build_loader(train_ann, tokenizer, batch_size=micro, frames=args.frames, size=size,
                           seed=args.seed, num_workers=args.workers, mask_ratio=args.mask_ratio,
-                          rank=rank, world_size=world, pin_memory=cuda)
+                          rank=rank, world_size=world, pin_memory=cuda,
+                          decode_timeout=args.decode_timeout or None)
     steps_per_epoch = len(loader) // accum
     if max_steps is None:
         max_steps = (args.epochs or 1) * steps_per_epoch
@@ -333,15 +449,23 @@ def train(args):
     opt_params = cfg.get("optimizer", {}).get("params", {})
     warmup = args.warmup_steps if args.warmup_steps is not None else max(1, max_steps // 20)
     engine, _, _, scheduler = deepspeed.initialize(
-        model=model, model_parameters=param_groups(model, opt_params.get("weight_decay", 0.0)),
+        model=model, model_parameters=param_groups(model, opt_params.get("weight_decay", 0.0),
+                                                   opt_params.get("lr", 1e-4), args.temporal_lr_mult),
         config=cfg, lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(max_steps, warmup)))
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
 
     step, wall_before = 0, 0.0
+    nonfinite = {"skipped": 0, "streak": 0}
+    fed = 0  # micro-batches fed to the model since the run began (trained or skipped)
     if args.resume:
         _, client = engine.load_checkpoint(str(ckpt_dir))
         step, wall_before = client["step"], client.get("wall_s", 0.0)
-        loader.load_state_dict(client["loader"])
+        states = client.get("loaders")  # one per rank (the file holds rank 0's client state only)
+        loader.load_state_dict(states[rank] if states and len(states) == world else client["loader"])
+        nonfinite["skipped"] = client.get("nonfinite_skipped", 0)
+        fed = client.get("batches_fed", 0)
+        if rank == 0:
+            truncate_metrics(out_dir / "metrics.csv", step)
     elif rank == 0:
         (out_dir / "run_config.json").write_text(json.dumps(
             {"args": vars(args), "ds_config": cfg, "attn": attn, "precision": precision,
@@ -355,11 +479,12 @@ def train(args):
         print(f"training: {max_steps} steps of {micro * accum * world} clips "
               f"({world} rank(s)), attn {attn}, {precision}, drop ratio {args.drop_ratio}, "
               f"output {out_dir}", flush=True)
-    log_file = open(out_dir / "metrics.csv", "a", newline="") if rank == 0 else None
-    log = csv.writer(log_file) if log_file else None
-    if log and not args.resume:
-        log.writerow(["step", "epoch", "loss", "vtc", "vtm", "mlm", "lr", "samples_per_s",
-                      "tokens_per_s", "data_s", "step_s", "skipped"])
+    from hvfm.metrics_log import MetricsLog
+    columns = ["step", "epoch", "loss", "vtc", "vtm", "mlm", "lr", "samples_per_s", "tokens_per_s",
+               "data_s", "step_s", "skipped", "nonfinite"]
+    log = MetricsLog(out_dir, columns, append=args.resume) if rank == 0 else None
+    if log is not None and log.tb is None and log.tb_missing != "disabled":
+        print(f"metrics: {out_dir / 'metrics.csv'} (TensorBoard off: {log.tb_missing})", flush=True)
     bar = tqdm(total=max_steps, initial=step, disable=rank != 0, desc="train", dynamic_ncols=True)
     engine.train()
     start = time.perf_counter()
@@ -367,6 +492,24 @@ def train(args):
     last = {}
     deadline = start + args.max_minutes * 60 if args.max_minutes else None
     micro_step = 0
+    last_saved = step if args.resume else None
+    test_nan = TestNaN(rank)
+
+    def skip_nonfinite(what):
+        """Count a skipped non-finite micro-batch or step; stop after --max-nonfinite in a row."""
+        nonfinite["skipped"] += 1
+        nonfinite["streak"] += 1
+        if rank == 0:
+            tqdm.write(f"warning: step {step + 1}: non-finite {what}; skipped "
+                       f"({nonfinite['streak']} in a row, {nonfinite['skipped']} in all)", file=sys.stderr)
+        if nonfinite["streak"] >= args.max_nonfinite:
+            latest = ckpt_dir / "latest"
+            kept = latest.read_text().strip() if latest.exists() else "none"
+            raise NonFiniteError(
+                f"{nonfinite['streak']} non-finite steps in a row (--max-nonfinite {args.max_nonfinite}), "
+                f"the last at step {step + 1} ({what}); stopped without saving, the last checkpoint "
+                f"({kept}) is kept in {ckpt_dir}; lower --lr or check the data, then --resume")
+
     while step < max_steps and (deadline is None or time.perf_counter() < deadline):
         got_batch, started_at = False, loader.position
         t_data = time.perf_counter()
@@ -381,13 +524,29 @@ def train(args):
                          generator=torch.Generator(device=engine.device).manual_seed(
                              int(seeds.generate_state(1, np.uint64)[0] >> 2)),
                          reverse_negatives=args.reverse_negatives, loss_weights=weights)
-            engine.backward(out["loss"])
+            fed += 1
+            loss = test_nan(out["loss"], fed)
+            # A non-finite loss on any rank: every rank drops this micro-batch (no backward, no
+            # step; the data moves on, the step counter and LR schedule do not).
+            if not all_ranks_finite(loss):
+                skip_nonfinite("loss")
+                t_data = time.perf_counter()
+                continue
+            skipped_before = engine.skipped_steps
+            engine.backward(loss)
             engine.step()
             micro_step += 1
             samples += len(batch["index"]) * world
             tokens += (out["video_tokens"] + out["text_tokens"])
             if micro_step % accum:
                 continue
+            if engine.skipped_steps != skipped_before:
+                # Non-finite gradients: DeepSpeed's ZeRO optimizer found them (all ranks agree),
+                # skipped the update and zeroed the gradients; the step is not counted.
+                skip_nonfinite("gradient")
+                t_data = time.perf_counter()
+                continue
+            nonfinite["streak"] = 0
             step += 1
             now = time.perf_counter()
             last = {k: float(out[k].detach()) for k in ("loss", "vtc", "vtm", "mlm")}
@@ -399,13 +558,16 @@ def train(args):
                                 sps=f"{samples / elapsed:.1f}", data=f"{t_fetch - t_data:.2f}s",
                                 step=f"{now - t_fetch:.2f}s")
                 if step % args.log_every == 0 or step == max_steps:
-                    log.writerow([step, loader.epoch, *(f"{last[k]:.5f}" for k in ("loss", "vtc", "vtm", "mlm")),
-                                  f"{scheduler.get_last_lr()[0]:.3e}", f"{samples / elapsed:.3f}",
-                                  f"{tokens / elapsed:.1f}", f"{t_fetch - t_data:.4f}",
-                                  f"{now - t_fetch:.4f}", loader.skipped])
-                    log_file.flush()
+                    # losses with 9 significant digits: float32 exactly (resume is checked on them)
+                    log.write(dict(zip(columns, [
+                        step, loader.epoch, *(f"{last[k]:.9g}" for k in ("loss", "vtc", "vtm", "mlm")),
+                        f"{scheduler.get_last_lr()[0]:.3e}", f"{samples / elapsed:.3f}",
+                        f"{tokens / elapsed:.1f}", f"{t_fetch - t_data:.4f}",
+                        f"{now - t_fetch:.4f}", loader.skipped, nonfinite["skipped"]])))
             if args.save_every and step % args.save_every == 0:
-                save(engine, ckpt_dir, step, loader, wall_before + elapsed)
+                save(engine, ckpt_dir, step, loader, wall_before + elapsed,
+                     {"nonfinite_skipped": nonfinite["skipped"], "batches_fed": fed}, rank)
+                last_saved = step
             t_data = time.perf_counter()
             if step >= max_steps or (deadline and now >= deadline):
                 break
@@ -415,27 +577,241 @@ def train(args):
             raise DataError(f"{train_ann.source}: the loader gave no batch (fewer samples than one batch?)")
     bar.close()
     wall = time.perf_counter() - start
-    if not args.save_every or step % args.save_every:
-        save(engine, ckpt_dir, step, loader, wall_before + wall)
+    if step != last_saved:  # (a resumed run that had nothing left to do saves nothing)
+        save(engine, ckpt_dir, step, loader, wall_before + wall,
+             {"nonfinite_skipped": nonfinite["skipped"], "batches_fed": fed}, rank)
 
     export_final(engine, out_dir / "final", clip_config, tokenizer, build, cfg, rank)
     if eval_ann is not None and not args.no_eval:
         results["after"] = run_eval(engine.module, tokenizer, eval_ann, args, size, dtype, "after", rank)
+    # Skip counters summed over ranks; bad files: the union of every rank's.
+    counts = torch.tensor([loader.counters()[k] for k in ("skipped", "bad_drawn", "timeouts", "crashes")],
+                          dtype=torch.float64, device=engine.device)
+    dist.all_reduce(counts)
+    skipped, bad_drawn, timeouts, crashes = (int(c) for c in counts.tolist())
+    bad_files = sorted({f for part in all_gather(sorted(loader.bad_files)) for f in part})
     summary = {"steps": step, "wall_s": wall_before + wall, "train_s_this_run": wall,
                "samples_per_s": samples / wall, "tokens_per_s_per_device": tokens / wall,
-               "skipped_samples": loader.skipped, "bad_files": len(loader.bad_files),
-               "world_size": world, "attn": attn, "precision": precision, "last_losses": last,
+               "skipped_samples": skipped, "bad_rows_drawn": bad_drawn, "decode_timeouts": timeouts,
+               "decoder_crashes": crashes, "bad_files": len(bad_files),
+               "nonfinite_skipped": nonfinite["skipped"], "world_size": world, "attn": attn, "precision": precision, "last_losses": last,
                "eval": results, "output_dir": str(out_dir)}
     if rank == 0:
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         print(json.dumps({k: v for k, v in summary.items() if k != "eval"}), flush=True)
-        log_file.close()
+        log.close()
     return summary
 
 
-def save(engine, ckpt_dir, step, loader, wall):
-    engine.save_checkpoint(str(ckpt_dir), tag=f"step{step:08d}",
-                           client_state={"step": step, "loader": loader.state_dict(), "wall_s": wall})
+# ----------------------------------------------------------------------------- reliability
+
+def all_gather(obj):
+    import torch.distributed as dist
+    box = [None] * dist.get_world_size()
+    dist.all_gather_object(box, obj)
+    return box
+
+
+def all_ranks_finite(loss):
+    """True when the loss is finite on every rank (one small all-reduce: the ranks agree)."""
+    import torch
+    import torch.distributed as dist
+    flag = (~torch.isfinite(loss.detach())).any().to(torch.float32).reshape(1)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return flag.item() == 0
+
+
+def truncate_metrics(path, step):
+    """A resumed run recomputes the steps after its checkpoint: drop their rows logged before."""
+    if not path.exists():
+        return
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    keep = rows[:1] + [r for r in rows[1:] if r and r[0].isdigit() and int(r[0]) <= step]
+    if len(keep) == len(rows):
+        return
+    tmp = path.with_suffix(".csv.tmp")
+    with open(tmp, "w", newline="") as f:
+        csv.writer(f).writerows(keep)
+    os.replace(tmp, path)
+
+
+def _fsync(path, directory=False):
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class TestNaN:
+    """Test hook (tests only): HVFM_TEST_NAN_LOSS / HVFM_TEST_NAN_GRAD = "3,4,9-" make the loss
+    (or, with a finite loss, every gradient) NaN at those micro-batches (1-based, counted from the
+    start of the run, across resumes); an entry "3@1" applies on rank 1 only."""
+
+    def __init__(self, rank):
+        self.rank = rank
+        self.loss = self._parse(os.environ.get("HVFM_TEST_NAN_LOSS", ""))
+        self.grad = self._parse(os.environ.get("HVFM_TEST_NAN_GRAD", ""))
+
+    def _parse(self, spec):
+        ranges = []
+        for item in filter(None, spec.split(",")):
+            item, _, on_rank = item.partition("@")
+            if on_rank and int(on_rank) != self.rank:
+                continue
+            lo, dash, hi = item.partition("-")
+            ranges.append((int(lo), int(hi) if hi else (10**12 if dash else int(lo))))
+        return ranges
+
+    def __call__(self, loss, fed):
+        if any(lo <= fed <= hi for lo, hi in self.loss):
+            return loss * float("nan")
+        if any(lo <= fed <= hi for lo, hi in self.grad):
+            return _NaNGrad.apply(loss)
+        return loss
+
+
+def _nan_grad_fn():
+    import torch
+
+    class NaNGrad(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.view_as(x)
+
+        @staticmethod
+        def backward(ctx, grad):
+            return grad * float("nan")
+    return NaNGrad
+
+
+class _LazyNaNGrad:
+    fn = None
+
+    def apply(self, x):
+        if self.fn is None:
+            self.fn = _nan_grad_fn()
+        return self.fn.apply(x)
+
+
+_NaNGrad = _LazyNaNGrad()
+
+
+class _SaveGuard:
+    """Wraps the engine's file writes during one save: each file is fsynced after it is written,
+    and an OSError (disk full, ...) is recorded instead of raised, so this rank goes on through
+    DeepSpeed's collectives with the others and all ranks learn of it together afterwards.
+
+    Test hook (tests only): HVFM_TEST_SAVE_FAULT="enospc@STEP" writes 1 KiB of the first file of
+    the save at STEP and then raises ENOSPC; "hang@STEP" writes the first file, touches
+    TMPDIR/.test-hang-rankR in the checkpoint's temp folder and sleeps for ever; ":R" after STEP
+    limits it to rank R."""
+
+    def __init__(self, engine, step, rank):
+        self.engine, self.rank, self.error, self.files = engine, rank, None, 0
+        self.ce = engine.checkpoint_engine
+        self.inner_save, self.inner_copy = self.ce.save, engine._copy_recovery_script
+        self.fault = None
+        spec = os.environ.get("HVFM_TEST_SAVE_FAULT", "")
+        if spec:
+            kind, _, where = spec.partition("@")
+            at, _, on_rank = where.partition(":")
+            if int(at) == step and (not on_rank or int(on_rank) == rank):
+                self.fault = kind
+        self.ce.save = self.save
+        engine._copy_recovery_script = self.copy
+
+    def save(self, state_dict, path, *args, **kwargs):
+        if self.error is not None:
+            return None
+        try:
+            if self.fault == "enospc":
+                with open(path, "wb") as f:
+                    f.write(b"\0" * 1024)
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+            out = self.inner_save(state_dict, path, *args, **kwargs)
+            _fsync(path)
+            self.files += 1
+            if self.fault == "hang":
+                Path(path).parent.joinpath(f".test-hang-rank{self.rank}").touch()
+                while True:
+                    time.sleep(3600)
+            return out
+        except OSError as e:
+            self.error = e
+            return None
+
+    def copy(self, *args, **kwargs):
+        if self.error is None:
+            try:
+                return self.inner_copy(*args, **kwargs)
+            except OSError as e:
+                self.error = e
+        return None
+
+    def restore(self):
+        self.ce.save = self.inner_save
+        self.engine._copy_recovery_script = self.inner_copy
+
+
+def save(engine, ckpt_dir, step, loader, wall, extra, rank):
+    """Write the checkpoint of `step` so that `latest` never names a partial one: every rank writes
+    into CKPT/.tmp-stepN, all ranks agree that every write succeeded, then rank 0 fsyncs and
+    renames the folder to CKPT/stepN and replaces `latest` atomically (temp file + os.replace).
+    A kill at any moment leaves `latest` naming the previous complete checkpoint (the next start
+    removes the .tmp- folder). A failed write (disk full) removes the partial folder on every
+    rank's say-so and raises CheckpointError on all ranks; nothing published is touched."""
+    import torch.distributed as dist
+    tag = f"step{step:08d}"
+    tmp_tag = f".tmp-{tag}"
+    client = {"step": step, "loader": loader.state_dict(), "loaders": all_gather(loader.state_dict()),
+              "wall_s": wall, **extra}
+    guard = _SaveGuard(engine, step, rank)
+    try:
+        engine.save_checkpoint(str(ckpt_dir), tag=tmp_tag, client_state=client, save_latest=False)
+    finally:
+        guard.restore()
+    errors = [e for e in all_gather(None if guard.error is None else _describe(guard.error)) if e]
+    if not errors:  # every file is on disk: publish, and let every rank know how that went
+        failed = None
+        if rank == 0:
+            try:
+                _publish(ckpt_dir, tmp_tag, tag)
+            except OSError as e:
+                failed = _describe(e)
+        errors = [e for e in all_gather(failed) if e]
+    if errors:
+        if rank == 0:
+            shutil.rmtree(ckpt_dir / tmp_tag, ignore_errors=True)
+        dist.barrier()
+        latest = ckpt_dir / "latest"
+        prev = latest.read_text().strip() if latest.exists() else None
+        raise CheckpointError(f"saving checkpoint {tag} in {ckpt_dir} failed ({errors[0]}); "
+                              + (f"the previous checkpoint {prev} is intact" if prev else "no checkpoint was kept")
+                              + "; free disk space, then --resume")
+    dist.barrier()
+
+
+def _describe(e):
+    return f"{e.strerror or e}: {e.filename}" if isinstance(e, OSError) and e.filename else str(e)
+
+
+def _publish(ckpt_dir, tmp_tag, tag):
+    tmp, final, latest = ckpt_dir / tmp_tag, ckpt_dir / tag, ckpt_dir / "latest"
+    named = latest.read_text().strip() if latest.exists() else None
+    if final.exists():  # a copy of this step that a killed run renamed but never named in latest
+        assert named != tag, f"{final} is the checkpoint 'latest' names"
+        shutil.rmtree(final)
+    _fsync(tmp, directory=True)
+    os.rename(tmp, final)
+    _fsync(ckpt_dir, directory=True)
+    with open(ckpt_dir / "latest.tmp", "w") as f:
+        f.write(tag)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(ckpt_dir / "latest.tmp", latest)
+    _fsync(ckpt_dir, directory=True)
 
 
 def export_final(engine, folder, clip_config, tokenizer, build, cfg, rank):
@@ -449,20 +825,39 @@ def export_final(engine, folder, clip_config, tokenizer, build, cfg, rank):
         save_export(folder, state, clip_config, tokenizer, build)
 
 
+def remove_shm_buffer():
+    """DeepSpeed's CPU shared-memory all-reduce leaves /dev/shm/deepspeed_allreduce_buffer_* (about
+    70 MB per rank and master port) behind at exit; remove this rank's. Only after the final
+    barrier: the other ranks open it by name while they initialise."""
+    addr, port, rank = (os.environ.get(k) for k in ("MASTER_ADDR", "MASTER_PORT", "RANK"))
+    if addr and port and rank and hasattr(os, "getuid"):
+        try:
+            os.unlink(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}")
+        except OSError:
+            pass
+
+
 def main(argv=None):
     args = parse_args(argv)
     code = 0
+    collective = False  # an error every rank raised at the same point: they can still meet
     try:
         train(args)
-    except (DataError, ConfigError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        code = 2
+    except (DataError, ConfigError, CheckpointError, NonFiniteError) as e:
+        import torch.distributed as dist
+        code = 3 if isinstance(e, NonFiniteError) else 2
+        collective = getattr(e, "collective", False)
+        if not (collective and dist.is_initialized() and dist.get_rank() != 0):  # one line per run
+            from tqdm import tqdm
+            tqdm.write(f"error: {e}", file=sys.stderr)  # on a line of its own, under a live bar
     finally:
         import torch.distributed as dist
         if dist.is_available() and dist.is_initialized():
-            if code == 0:
+            if code == 0 or collective:
                 dist.barrier()
             dist.destroy_process_group()
+            if code == 0 or collective:  # every rank is past the barrier, long done mapping it
+                remove_shm_buffer()
     if code:
         sys.exit(code)
 

@@ -140,3 +140,21 @@ def test_readme_main_command(tmp_path):
     assert summary["steps"] == 2
     for when in ("before", "after"):
         assert set(summary["eval"][when]) == {"all_frames", "one_frame"}
+
+
+@pytest.mark.slow  # ~50 s (two launches); CI runs it: nothing else covers --epochs / --max-minutes
+def test_epochs_and_max_minutes_bound_the_run(corpus, tmp_path):
+    # 40 clips, 16 per step, the partial batch dropped: 2 steps per epoch.
+    out = tmp_path / "epochs"
+    launch(["--deepspeed", "ds_configs/z2.json", *data_flags(corpus), "--output-dir", str(out),
+            "--epochs", "2", "--no-eval"])
+    rows = metrics_rows(out)
+    assert [int(r["step"]) for r in rows] == [1, 2, 3, 4]
+    assert [int(r["epoch"]) for r in rows] == [0, 0, 1, 1]
+    assert json.loads((out / "summary.json").read_text())["steps"] == 4
+
+    out = tmp_path / "minutes"  # a deadline long past after the first step: stop after it
+    launch(["--deepspeed", "ds_configs/z2.json", *data_flags(corpus), "--output-dir", str(out),
+            "--max-minutes", "0.0001", "--max-steps", "50", "--no-eval"])
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 1 and (out / "final").is_dir()

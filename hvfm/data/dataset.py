@@ -7,7 +7,17 @@ number of workers, and a resumed run sees exactly the samples it would have seen
 
 Bad files: a sample whose video cannot be decoded is replaced by another random sample, up to
 `max_retries` times; each failure travels with the batch so the main process counts every skip and
-logs each bad file once (workers are separate processes: counts kept there would be lost).
+logs each bad file once (workers are separate processes: counts kept there would be lost). The
+k-th replacement of index i is `replacement(i, epoch, k)` and is loaded with its own generator
+seeded by (seed, epoch, i, k): what a failed attempt consumed never shifts what comes next, so the
+number of skips is a function of (seed, epoch, the indices drawn, the set of bad files) alone.
+A clip with at least one decodable frame is a (short) sample, zero-padded in the batch; a clip
+with zero decodable frames is a bad file.
+
+Hung and crashing decoders: with `decode_timeout` (seconds) every decode runs in a
+`DecoderProcess` child that is killed after that long (or when it crashes) and replaced; the
+sample counts as a skip of kind "timeout" (or "crash"). The DataLoader `timeout` stays as a last
+resort for a worker that stalls outside decoding.
 """
 from __future__ import annotations
 
@@ -18,7 +28,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .decode import DecodeError, decode_clip
+from .decode import DecodeError, DecoderProcess, decode_clip
 from .errors import DataError
 from .text import MAX_LENGTH, MLMMasker, swap_left_right, tokenize
 from .transforms import VideoTransform
@@ -34,11 +44,12 @@ class VideoTextDataset(Dataset):
     """(video, caption) pairs of an `Annotations`. Items are requested as (index, epoch)."""
 
     def __init__(self, ann, frames=8, size=224, train=True, seed=0, max_retries=10,
-                 decoder="auto", hflip=0.5, swap_lr_on_flip=True, min_frames=1):
+                 decoder="auto", hflip=0.5, swap_lr_on_flip=True, min_frames=1, decode_timeout=None):
         self.ann, self.frames, self.size, self.train = ann, frames, size, train
         self.seed, self.max_retries, self.decoder = seed, max_retries, decoder
         self.min_frames, self.swap_lr_on_flip = min_frames, swap_lr_on_flip
         self.transform = VideoTransform(size, train, hflip=hflip if train else 0.0)
+        self.watchdog = DecoderProcess(decode_timeout) if decode_timeout else None
 
     def __len__(self):
         return len(self.ann)
@@ -46,8 +57,11 @@ class VideoTextDataset(Dataset):
     def _load(self, pair, rng):
         video = int(self.ann.pair_video[pair])
         path = self.ann.resolve(video)
-        frames, _ = decode_clip(path, self.frames, self.train, rng, short_side=self.size,
-                                decoder=self.decoder)
+        if self.watchdog is not None:
+            frames = self.watchdog.decode(path, self.frames, self.train, rng, self.size, self.decoder)
+        else:
+            frames, _ = decode_clip(path, self.frames, self.train, rng, short_side=self.size,
+                                    decoder=self.decoder)
         if len(frames) < self.min_frames:
             raise DecodeError(path, f"{len(frames)} frame(s), fewer than the {self.min_frames} required")
         pixels, flipped = self.transform(frames, rng)
@@ -56,19 +70,27 @@ class VideoTextDataset(Dataset):
             caption = swap_left_right(caption)
         return pixels, caption
 
+    def replacement(self, index, epoch, attempt):
+        """The pair that stands in for `index` at its `attempt`-th (>= 1) failed try."""
+        return int(_rng(self.seed, epoch, index, 0xBAD, attempt).integers(len(self.ann)))
+
     def __getitem__(self, item):
         index, epoch = item if isinstance(item, tuple) else (item, 0)
-        rng = _rng(self.seed, epoch, index)
         failures, pair = [], index
-        for _ in range(self.max_retries + 1):
+        for attempt in range(self.max_retries + 1):
+            if attempt:
+                pair = self.replacement(index, epoch, attempt)
+                rng = _rng(self.seed, epoch, index, attempt)
+            else:
+                rng = _rng(self.seed, epoch, index)
             try:
                 pixels, caption = self._load(pair, rng)
                 return {"pixels": pixels, "caption": caption, "index": pair, "epoch": epoch,
                         "failures": failures}
             except DecodeError as e:
-                failures.append((e.path, e.reason))
-                pair = int(rng.integers(len(self.ann)))
-        listed = "; ".join(f"{p} ({r})" for p, r in failures[-5:])
+                # (path, reason, kind, attempt): attempt 0 is the row the sampler drew
+                failures.append((e.path, e.reason, e.kind, attempt))
+        listed = "; ".join(f"{f[0]} ({f[1]})" for f in failures[-5:])
         raise DataError(f"{self.ann.source}: {len(failures)} samples in a row failed to decode, "
                         f"last: {listed}; check --video-root and the video files")
 
@@ -146,12 +168,21 @@ def _worker_init(worker_id):
     random.seed(seed)
 
 
-class VideoTextLoader:
-    """Iterates a DataLoader, counting skipped samples and logging each bad file once."""
+COUNTERS = ("skipped", "bad_drawn", "timeouts", "crashes")
 
-    def __init__(self, dataset, sampler, loader):
+
+class VideoTextLoader:
+    """Iterates a DataLoader, counting skipped samples and logging each bad file once.
+
+    skipped: every failed decode (a bad row the sampler drew, and every failed replacement);
+    bad_drawn: the rows the sampler drew that were bad (attempt 0); timeouts / crashes: the
+    failures that were a hung decoder abandoned after `decode_timeout`, or a crashed one."""
+
+    def __init__(self, dataset, sampler, loader, timeout=0.0):
         self.dataset, self.sampler, self.loader = dataset, sampler, loader
-        self.skipped, self.bad_files = 0, {}
+        self.skipped = self.bad_drawn = self.timeouts = self.crashes = 0
+        self.bad_files = {}
+        self.timeout = timeout
         self.epoch, self.position = 0, 0  # samples of this rank consumed in `epoch`
 
     def __len__(self):
@@ -161,18 +192,36 @@ class VideoTextLoader:
         self.sampler.set_epoch(epoch, start)
         self.epoch, self.position = epoch, start
 
+    def counters(self):
+        return {k: getattr(self, k) for k in COUNTERS}
+
     def state_dict(self):
-        return {"epoch": self.epoch, "position": self.position, "skipped": self.skipped}
+        return {"epoch": self.epoch, "position": self.position, **self.counters()}
 
     def load_state_dict(self, state):
         self.set_epoch(state["epoch"], state["position"])
-        self.skipped = state["skipped"]
+        for k in COUNTERS:
+            setattr(self, k, state.get(k, 0))
 
     def __iter__(self):
-        for batch in self.loader:
+        it = iter(self.loader)
+        while True:
+            try:
+                batch = next(it)
+            except StopIteration:
+                return
+            except RuntimeError as e:
+                if "timed out" not in str(e):
+                    raise
+                raise DataError(f"no batch from the loader workers in {self.timeout:g} s: a worker is "
+                                f"stuck (a hung decoder, when --decode-timeout is 0) or the video "
+                                f"storage stalls; check the storage, keep --decode-timeout on") from None
             self.position += len(batch["index"])
             self.skipped += batch["n_skipped"]
-            for path, reason in batch["failures"]:
+            for path, reason, kind, attempt in batch["failures"]:
+                self.bad_drawn += attempt == 0
+                self.timeouts += kind == "timeout"
+                self.crashes += kind == "crash"
                 if path not in self.bad_files:
                     self.bad_files[path] = reason
                     log.warning("skipped %s: %s", path, reason)
@@ -181,10 +230,16 @@ class VideoTextLoader:
 
 def build_loader(ann, tokenizer, *, batch_size, frames=8, size=224, train=True, seed=0,
                  num_workers=2, mask_ratio=0.5, rank=0, world_size=1, timeout=120.0,
-                 decoder="auto", max_retries=10, drop_last=None, pin_memory=False, max_length=MAX_LENGTH):
+                 decoder="auto", max_retries=10, drop_last=None, pin_memory=False, max_length=MAX_LENGTH,
+                 decode_timeout=None):
     """A `VideoTextLoader` over `ann` for one rank. Training shuffles and drops the last partial
-    batch; evaluation keeps order and everything."""
-    dataset = VideoTextDataset(ann, frames, size, train, seed, max_retries, decoder)
+    batch; evaluation keeps order and everything. decode_timeout (seconds, None: off): abandon a
+    decode that takes longer (see `DecoderProcess`); the loader's last-resort `timeout` is then
+    raised to at least 4 x decode_timeout so a few hung files in one batch never trip it."""
+    dataset = VideoTextDataset(ann, frames, size, train, seed, max_retries, decoder,
+                               decode_timeout=decode_timeout)
+    if decode_timeout:
+        timeout = max(timeout, 4 * decode_timeout)
     sampler = ResumableDistributedSampler(len(dataset), world_size, rank, shuffle=train, seed=seed,
                                           drop_last=False)
     loader = DataLoader(
@@ -194,4 +249,4 @@ def build_loader(ann, tokenizer, *, batch_size, frames=8, size=224, train=True, 
         worker_init_fn=_worker_init if num_workers else None,
         timeout=timeout if num_workers else 0, persistent_workers=num_workers > 0,
         prefetch_factor=2 if num_workers else None)
-    return VideoTextLoader(dataset, sampler, loader)
+    return VideoTextLoader(dataset, sampler, loader, timeout if num_workers else 0.0)

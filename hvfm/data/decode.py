@@ -7,12 +7,21 @@ not a video, zero frames, a decoder exception -- becomes one `DecodeError` with 
 the dataset can count it and move on. decord raises RuntimeError, its own DECORDError, IndexError
 and AssertionError; PyAV raises its own errors: all are caught here.
 
-A decoder that hangs cannot be interrupted from inside the process; the loader's `timeout` bounds
-how long training waits for a worker.
+A decoder that hangs (inside C code, where neither a signal nor a thread can stop it) or crashes
+(a segfault) cannot be handled from inside the process that runs it. `DecoderProcess` therefore runs
+`decode_clip` in a child process: after `timeout` seconds without an answer the child is killed
+and a fresh one is forked for the next clip; the clip becomes a `DecodeError` of kind "timeout"
+(or "crash") and is skipped like any other bad file.
+
+Test hook (tests only, never set it in a real run): HVFM_TEST_DECODE_FAULT="hang:NAME,crash:NAME2"
+makes the decode of every file whose name is NAME hang for ever with all signals blocked (as a
+stuck C call would) and of NAME2 kill its process with SIGSEGV.
 """
 from __future__ import annotations
 
 import os
+import signal
+import time
 from pathlib import Path
 
 import numpy as np
@@ -32,9 +41,12 @@ DECODERS = ("auto", "decord", "pyav")
 
 
 class DecodeError(Exception):
-    def __init__(self, path, reason):
+    """A clip that cannot be used. kind: "bad" (the file), "timeout" (the decoder hung and was
+    abandoned) or "crash" (the decoder process died)."""
+
+    def __init__(self, path, reason, kind="bad"):
         super().__init__(f"{path}: {reason}")
-        self.path, self.reason = str(path), reason
+        self.path, self.reason, self.kind = str(path), reason, kind
 
 
 def sample_indices(num_available, num_frames, train, rng=None):
@@ -131,6 +143,7 @@ def decode_clip(path, num_frames, train=False, rng=None, short_side=None, decode
     if train and rng is None:
         raise ValueError("training-mode sampling needs an rng (numpy Generator)")
     path = Path(path)
+    _test_fault(path)
     try:
         size = os.stat(path).st_size
     except FileNotFoundError:
@@ -165,3 +178,160 @@ def decode_clip(path, num_frames, train=False, rng=None, short_side=None, decode
 def _short(e, limit=120):
     text = " ".join(str(e).split()) or "no message"
     return text if len(text) <= limit else text[:limit] + "..."
+
+
+# ----------------------------------------------------------------------------- test hook
+
+def _test_fault(path):
+    spec = os.environ.get("HVFM_TEST_DECODE_FAULT")
+    if not spec:
+        return
+    for item in spec.split(","):
+        kind, _, name = item.partition(":")
+        if name != path.name:
+            continue
+        if kind == "hang":  # a stuck C call: nothing but SIGKILL ends it
+            signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
+            while True:
+                time.sleep(3600)
+        if kind == "crash":
+            signal.signal(signal.SIGSEGV, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGSEGV)
+
+
+# ----------------------------------------------------------------------------- watchdog
+
+def _set_parent_death_signal():
+    """Linux: the kernel SIGKILLs this process when its parent dies (no orphaned decoders)."""
+    try:
+        import ctypes
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def _serve(conn, parent):
+    _set_parent_death_signal()
+    if os.getppid() != parent:  # the parent died before the death signal was armed
+        return
+    try:  # the parent's handlers (torch's worker ones) must not run here: die as a plain process
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGSEGV, signal.SIGBUS, signal.SIGFPE, signal.SIGCHLD):
+            signal.signal(sig, signal.SIG_DFL)
+    except ValueError:  # not the main thread: keep them
+        pass
+    while True:
+        try:
+            path, num_frames, train, state, short_side, decoder = conn.recv()
+        except (EOFError, OSError):
+            return
+        rng = None
+        if state is not None:
+            rng = np.random.Generator(getattr(np.random, state["bit_generator"])())
+            rng.bit_generator.state = state
+        try:
+            frames, _ = decode_clip(path, num_frames, train, rng, short_side, decoder)
+            reply = ("ok", frames)
+        except DecodeError as e:
+            reply = ("bad", e.reason)
+        except Exception as e:  # noqa: BLE001 - a caller error (bad argument): re-raised there
+            reply = ("raise", e)
+        try:
+            conn.send((*reply, rng.bit_generator.state if rng is not None else None))
+        except (EOFError, OSError):
+            return
+
+
+class DecoderProcess:
+    """`decode_clip` in a child process, abandoned after `timeout` seconds.
+
+    One child per process that uses it (each loader worker forks its own on first use, from a
+    state where it has decoded nothing itself). A clip the child does not answer within `timeout`
+    seconds raises DecodeError(kind="timeout"); one that kills the child raises kind="crash"; in
+    both cases the child is killed (SIGKILL) and reaped, and the next clip starts a new one. The
+    rng advances exactly as in-process decoding would advance it, so batches do not depend on
+    whether the watchdog is on. The child also dies with its parent (Linux PR_SET_PDEATHSIG).
+    """
+
+    def __init__(self, timeout):
+        if not timeout or timeout <= 0:
+            raise ValueError(f"decode timeout must be > 0 seconds, got {timeout!r}")
+        self.timeout = float(timeout)
+        self._pid = self._conn = self._owner = None
+        self.started = 0
+
+    def __getstate__(self):  # a copy (spawned worker) starts its own child
+        return {"timeout": self.timeout}
+
+    def __setstate__(self, state):
+        self.__init__(state["timeout"])
+
+    def _start(self):
+        from multiprocessing import Pipe
+        ours, theirs = Pipe(duplex=True)
+        parent = os.getpid()
+        pid = os.fork()
+        if pid == 0:
+            code = 0
+            try:
+                ours.close()
+                _serve(theirs, parent)
+            except BaseException:  # noqa: BLE001 - never return into the parent's code
+                code = 1
+            finally:
+                os._exit(code)
+        theirs.close()
+        self._pid, self._conn, self._owner = pid, ours, parent
+        self.started += 1
+
+    def close(self):
+        """Kill and reap the child; returns a description of how it ended."""
+        pid, conn = self._pid, self._conn
+        self._pid = self._conn = None
+        if pid is None or self._owner != os.getpid():
+            return "not running"
+        if conn is not None:
+            conn.close()
+        try:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if not done:
+                os.kill(pid, signal.SIGKILL)
+                _, status = os.waitpid(pid, 0)
+                return "killed"
+        except ChildProcessError:
+            return "gone"
+        if os.WIFSIGNALED(status):
+            return f"killed by signal {os.WTERMSIG(status)}"
+        return f"exit code {os.WEXITSTATUS(status)}"
+
+    def decode(self, path, num_frames, train=False, rng=None, short_side=None, decoder="auto"):
+        if self._owner != os.getpid():  # a forked copy: the child belongs to the parent
+            self._pid = self._conn = None
+        if self._pid is None:
+            self._start()
+        state = rng.bit_generator.state if rng is not None else None
+        try:
+            self._conn.send((str(path), num_frames, train, state, short_side, decoder))
+            answered = self._conn.poll(self.timeout)
+        except (EOFError, OSError):
+            answered = True  # the child is gone: recv below reports it
+        if not answered:
+            self.close()
+            raise DecodeError(path, f"decoder timed out after {self.timeout:g} s; abandoned", "timeout")
+        try:
+            status, payload, new_state = self._conn.recv()
+        except (EOFError, OSError):
+            how = self.close()
+            raise DecodeError(path, f"decoder process crashed ({how})", "crash") from None
+        if rng is not None and new_state is not None:
+            rng.bit_generator.state = new_state
+        if status == "ok":
+            return payload
+        if status == "raise":
+            raise payload
+        raise DecodeError(path, payload)
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
