@@ -3,18 +3,23 @@
 Every clip is a few coloured shapes drawn with numpy on one fixed background colour and encoded as
 a real H.264 mp4 (PyAV, libx264, yuv420p, one encoder thread, 8 fps). Two kinds, about half each:
 
-* motion -- one object moves left/right/up/down at a random speed (about 2-4 px/frame at 96 px,
-  scaled with the frame size): "a red circle moves left".
+* motion -- one object moves left/right/up/down in a straight line, covering a random 30-55% of
+  the frame over the clip, and stays wholly inside the frame: "a red circle moves left".
 * order  -- two different objects at random static positions; the first is shown until a switch
   time s, the second after it: "a red circle appears, then a blue square".
 
 Leak-proofing (see DESIGN.md "What is known about learning time on the synthetic task"):
 
-* Motion is on a torus: the start is uniform over the whole frame and an object leaving one edge
-  re-enters at the opposite edge. So in any single frame the object's position is uniform whatever
-  the direction, and a clip played backwards is exactly a valid clip of the opposite direction.
+* A motion clip is parametrised by where the object is at the middle of the clip; that point is
+  uniform over the positions that keep the whole path inside the frame, the same set for both
+  directions of an axis. So the middle frame says nothing about the direction, and a clip played
+  backwards is exactly the clip of the opposite direction through the same middle point. (The
+  first and last frames do hint at the direction, as in real video; only order in time tells it.)
+  Paths do not wrap around the edges: "x grows with time" stays a simple feature to learn.
 * The switch time s of an order clip is uniform in [1/4, 3/4] of the clip, a distribution that is
   symmetric under time reversal (s -> 1 - s): the middle frame shows either object half the time.
+* The default clip has an odd number of frames (17), so the middle frame, which a one-frame
+  evaluation looks at, is the exact centre of time reversal.
 * One background colour for every clip, no per-clip noise or texture: nothing to fingerprint.
 * Every clip's parameters come from a numpy Generator seeded by (seed, split, index), never from
   global state; train and test use different streams. Output is identical for any worker count.
@@ -27,8 +32,10 @@ Layout written by `generate(out)`:
   out/meta.json, out/.complete         parameters and counts; the marker is written last
 
 The test split is made of groups holding every temporal variant of the same objects (a motion
-group: one object in all 4 directions from the same start; an order group: one pair in both
-orders) with one canonical caption template, so captions in a group differ only in time words.
+group: one object in all 4 directions through the same middle point; an order group: one pair in
+both orders, the second clip being the first played backwards) with one canonical caption
+template, so captions in a group differ only in time words, and all clips of a group share their
+middle frame: a one-frame view of a group cannot do better than chance.
 """
 from __future__ import annotations
 
@@ -46,7 +53,7 @@ from pathlib import Path
 
 import numpy as np
 
-VERSION = 1
+VERSION = 2
 GENERATOR = f"hvfm.data.synthetic v{VERSION}"
 FPS = 8
 CLIPS_PER_PAGE = 1000
@@ -58,7 +65,7 @@ COLOURS = {
 }
 SHAPES = ("circle", "square", "triangle", "cross")
 DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}  # image axes
-SPEED_RANGE = (2 / 96, 4 / 96)     # fraction of the frame size per frame
+TRAVEL_RANGE = (0.30, 0.55)        # path length over the clip, fraction of the frame size
 RADIUS_RANGE = (0.07, 0.14)        # fraction of the frame size
 SWITCH_RANGE = (0.25, 0.75)        # fraction of the clip duration
 
@@ -82,11 +89,23 @@ def _object(rng, inside=False):
             "radius": r, "x": float(rng.uniform(lo, hi)), "y": float(rng.uniform(lo, hi))}
 
 
-def sample_motion(rng, direction=None):
-    """Parameters of a motion clip (sizes as fractions of the frame, speed per frame)."""
-    p = {"kind": "motion", **_object(rng), "speed": float(rng.uniform(*SPEED_RANGE))}
-    p["direction"] = direction or str(rng.choice(list(DIRECTIONS)))
-    return p
+def sample_motion(rng, direction=None, any_axis=False):
+    """Parameters of a motion clip: sizes as fractions of the frame; (x, y) is the middle point.
+
+    The middle point is uniform over the points whose whole path stays inside the frame: along
+    the motion axis in [r + travel/2, 1 - r - travel/2], across it in [r, 1 - r]. `any_axis`
+    keeps travel/2 of margin on both axes, so every direction is valid from the same middle point.
+    """
+    colour, shape = str(rng.choice(list(COLOURS))), str(rng.choice(SHAPES))
+    r = float(rng.uniform(*RADIUS_RANGE))
+    travel = float(rng.uniform(*TRAVEL_RANGE))
+    d = direction or str(rng.choice(list(DIRECTIONS)))
+    along = DIRECTIONS[d][0] != 0  # True: moves along x
+    margin = r + travel / 2
+    x = float(rng.uniform(margin, 1 - margin) if along or any_axis else rng.uniform(r, 1 - r))
+    y = float(rng.uniform(margin, 1 - margin) if not along or any_axis else rng.uniform(r, 1 - r))
+    return {"kind": "motion", "colour": colour, "shape": shape, "radius": r, "x": x, "y": y,
+            "travel": travel, "direction": d}
 
 
 def sample_order(rng):
@@ -139,11 +158,10 @@ def _shape_mask(shape, dx, dy, r):
 
 
 def _draw(video, obj, cx, cy, size, frames_mask=None):
-    """Draw obj centred at (cx, cy) pixels (arrays over frames) with torus wrap-around."""
+    """Draw obj centred at (cx, cy) pixels (arrays over frames)."""
     grid = np.arange(size, dtype=np.float64) + 0.5
-    half = size / 2
-    dx = np.mod(grid[None, None, :] - cx[:, None, None] + half, size) - half
-    dy = np.mod(grid[None, :, None] - cy[:, None, None] + half, size) - half
+    dx = grid[None, None, :] - cx[:, None, None]
+    dy = grid[None, :, None] - cy[:, None, None]
     mask = _shape_mask(obj["shape"], dx, dy, obj["radius"] * size)
     if frames_mask is not None:
         mask &= frames_mask[:, None, None]
@@ -157,8 +175,8 @@ def render_clip(params, frames, size):
     t = np.arange(frames, dtype=np.float64)
     if params["kind"] == "motion":
         ux, uy = DIRECTIONS[params["direction"]]
-        step = params["speed"] * size * t
-        _draw(video, params, params["x"] * size + ux * step, params["y"] * size + uy * step, size)
+        offset = params["travel"] * size * (t / max(frames - 1, 1) - 0.5)  # 0 at the middle
+        _draw(video, params, params["x"] * size + ux * offset, params["y"] * size + uy * offset, size)
     elif params["kind"] == "order":
         first_shown = (t + 0.5) / frames < params["switch"]  # frame centre before the switch
         for obj, shown in ((params["first"], first_shown), (params["second"], ~first_shown)):
@@ -233,11 +251,12 @@ def _test_items(n_test, seed):
     for g in range(_test_group_count(n_test)):
         rng = _rng(seed, "test", g)
         if g % 2 == 0:
-            base = sample_motion(rng)
+            base = sample_motion(rng, any_axis=True)
             variants = [(d, {**base, "direction": d}) for d in DIRECTIONS]
         else:
-            base = sample_order(rng)
-            swapped = {**base, "first": base["second"], "second": base["first"]}
+            base = sample_order(rng)  # B>A is A>B played backwards: switch s -> 1 - s
+            swapped = {**base, "first": base["second"], "second": base["first"],
+                       "switch": 1.0 - base["switch"]}
             variants = [("A>B", base), ("B>A", swapped)]
         for variant, params in variants:
             name = f"g{g:04d}_{variant.replace('>', '')}.mp4"
@@ -251,7 +270,7 @@ def _params_meta(n_train, n_test, frames, size, seed):
             "fps": FPS}
 
 
-def generate(out_dir, n_train=4000, n_test=200, frames=16, size=96, seed=0, workers=1,
+def generate(out_dir, n_train=4000, n_test=200, frames=17, size=96, seed=0, workers=1,
              progress=False):
     """Write the corpus under out_dir (see module docstring); returns its CorpusPaths."""
     if size % 2 or size < 8:
@@ -315,7 +334,7 @@ def _is_complete(root, want):
     return all(have.get(k) == v for k, v in want.items())
 
 
-def ensure_corpus(cache_dir=None, n_train=4000, n_test=200, frames=16, size=96, seed=0,
+def ensure_corpus(cache_dir=None, n_train=4000, n_test=200, frames=17, size=96, seed=0,
                   workers=1, progress=False):
     """Generate the corpus for these parameters once under cache_dir and reuse it afterwards.
 
@@ -353,7 +372,7 @@ def main(argv=None):
     ap.add_argument("out", help="output folder")
     ap.add_argument("--train", type=int, default=4000, help="number of train clips")
     ap.add_argument("--test", type=int, default=200, help="test clips (rounded to whole groups)")
-    ap.add_argument("--frames", type=int, default=16)
+    ap.add_argument("--frames", type=int, default=17, help="odd: the middle frame is the centre")
     ap.add_argument("--size", type=int, default=96, help="frame side in pixels (even)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workers", type=int, default=1, help="processes rendering clips")

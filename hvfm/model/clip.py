@@ -48,10 +48,43 @@ def save_random_clip(preset: str, tokenizer, folder: str, seed: int = 0, **confi
                            **config_kw)
     torch.manual_seed(seed)
     model = CLIPModel(config)
+    init_position_sincos(model)
     os.makedirs(folder, exist_ok=True)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def sincos_2d(grid: int, width: int) -> torch.Tensor:
+    """(grid*grid, width) fixed 2D sine-cosine position code (half the channels for y, half for x)."""
+    quarter = width // 4
+    freq = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / max(quarter, 1))
+    y, x = torch.meshgrid(torch.arange(grid, dtype=torch.float64),
+                          torch.arange(grid, dtype=torch.float64), indexing="ij")
+    parts = []
+    for coord in (y.flatten(), x.flatten()):
+        ang = coord[:, None] * freq[None, :]
+        parts += [ang.sin(), ang.cos()]
+    out = torch.cat(parts, dim=1)
+    return torch.nn.functional.pad(out, (0, width - out.shape[1])).float()
+
+
+def init_position_sincos(model: CLIPModel) -> None:
+    """Start a randomly initialised vision tower with a 2D sine-cosine patch position embedding
+    on the scale of its patch tokens (as ViTs trained from scratch, e.g. MAE, do).
+
+    With transformers' default init the position embedding (std 0.02) is ~30x smaller than the
+    patch tokens of a normalised image (std ~0.6), so after the pre-LayerNorm a patch's place is
+    nearly invisible, and the motion of objects with it. A pretrained CLIP has learned both scales;
+    this only matters for the random presets.
+    """
+    emb = model.vision_model.embeddings
+    w = emb.patch_embedding.weight.detach()
+    token_std = float(w.std()) * w[0].numel() ** 0.5  # a unit-scale input patch
+    grid = int(round((emb.position_embedding.num_embeddings - 1) ** 0.5))
+    code = sincos_2d(grid, w.shape[0])
+    with torch.no_grad():
+        emb.position_embedding.weight[1:] = code * (token_std / float(code.std()))
 
 
 def _missing(folder: str) -> str | None:
