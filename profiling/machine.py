@@ -63,8 +63,8 @@ def machine_info():
 def describe(info):
     device = info["gpu"] or f"{info['cpu']} ({info['cpu_cores']} cores, no GPU)"
     v = info["versions"]
-    return (f"{device}; torch {v['torch']}, decord {v['decord']}, av {v['av']}; "
-            f"commit {info['commit']}")
+    return (f"{device}; torch {v['torch']}, triton {v.get('triton')}, deepspeed {v.get('deepspeed')}, "
+            f"decord {v['decord']}, av {v['av']}; commit {info['commit']}")
 
 
 def write_json(path, payload):
@@ -72,3 +72,85 @@ def write_json(path, payload):
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=2) + "\n")
     return path
+
+
+# ------------------------------------------------------------------ shared by the suite's scripts
+
+def rss_bytes(field="VmRSS"):
+    """This process's resident set (VmRSS) or its peak (VmHWM) in bytes; None off Linux."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    if field == "VmHWM":
+        import resource
+        import sys
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+        return peak if sys.platform == "darwin" else peak * 1024
+    return None
+
+
+def reset_peak_rss():
+    """Reset VmHWM to the current RSS (Linux >= 4.0: write 5 to /proc/self/clear_refs), so that
+    the peak of one phase can be read alone. False where that is not allowed: the peak is then
+    the process's since it started (getrusage's ru_maxrss)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def nvml_used_bytes(index=0):
+    """Device memory in use on GPU `index` as the driver sees it (all processes, the caching
+    allocator's reserve included), via nvidia-ml-py; None when pynvml or the GPU is missing."""
+    try:
+        import pynvml
+        pynvml.nvmlInit()
+        try:
+            return int(pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(index)).used)
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:  # noqa: BLE001 - not installed, no driver, no device
+        return None
+
+
+def markdown_table(headers, rows):
+    """A GitHub markdown table; cells are formatted already (str) or numbers (3 significant)."""
+    def cell(x):
+        if x is None:
+            return "-"
+        if isinstance(x, float):
+            return f"{x:.3g}" if abs(x) < 1e3 else f"{x:,.0f}"
+        return str(x)
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(cell(x) for x in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def write_markdown(path, title, info, body, notes=()):
+    """`# title`, the machine line, the tables/text in `body`, then bullet notes."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = f"# {title}\n\nMachine: {describe(info)}; {info['date']}\n\n{body.strip()}\n"
+    if notes:
+        text += "\n" + "\n".join(f"- {n}" for n in notes) + "\n"
+    path.write_text(text)
+    return path
+
+
+def pyplot():
+    """matplotlib.pyplot with a file-only backend, or None (and one line saying so) when
+    matplotlib is not installed: every script then still writes its JSON and markdown."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        return plt
+    except ImportError:
+        print("matplotlib is not installed: skipping the PNG plots (pip install matplotlib); "
+              "the JSON and markdown tables are complete without them")
+        return None

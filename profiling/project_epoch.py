@@ -1,0 +1,122 @@
+"""Project the time of one WebVid-10M epoch on N GPUs from the measured rates: which side bounds?
+
+Training rate: samples/s per device of the fused path (and of the unfused baseline, for
+comparison) from bench_train.json, per drop ratio measured. Decode rate: clips/s per CPU loader
+worker from bench_data.json (the 1-worker row when present, else the best clips/s per worker),
+times --workers-per-gpu. With N GPUs the epoch takes
+
+    clips / min(N * train samples/s per device, N * workers per GPU * decode clips/s per worker)
+
+and the smaller term names the bound: "training" (the GPUs: faster kernels, more GPUs) or
+"decode" (the loaders: more CPU workers per GPU, faster disks, pre-decoded frames). Scaling is taken as linear in N (the
+gradient all-reduce and the input pipeline's own limits beyond one node are not modelled).
+On a CPU-only machine bench_train's "device" is the CPU, so the table reads "N devices like this".
+
+    python profiling/project_epoch.py [--results profiling/results] [--train-json F]
+                                      [--data-json F] [--workers-per-gpu 8] [--gpus 1 8 64]
+                                      [--clips 10.7e6] [--decode-rate CLIPS_PER_S_PER_WORKER]
+Writes project_epoch.json and project_epoch.md beside the inputs (or into --out).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from profiling.machine import RESULTS, machine_info, markdown_table, write_json, write_markdown  # noqa: E402
+
+WEBVID_CLIPS = 10.7e6
+
+
+def decode_rate(data):
+    """(clips/s per worker, which row) from a bench_data payload."""
+    rows = [r for r in data["results"] if r.get("clips_per_s")]
+    if not rows:
+        raise SystemExit("bench_data.json has no measured rows")
+    one = [r for r in rows if r["workers"] == 1]
+    if one:
+        return one[0]["clips_per_s"], "1 worker"
+    best = max(rows, key=lambda r: r["clips_per_s"] / max(r["workers"], 1))
+    return best["clips_per_s"] / max(best["workers"], 1), f"{best['workers']} workers, per worker"
+
+
+def project(train, per_worker, workers_per_gpu, gpus, clips):
+    rows = []
+    for d in train["results"]:
+        fused, unfused = d["fused"]["samples_per_s"], d["unfused"]["samples_per_s"]
+        for n in gpus:
+            train_rate = n * fused
+            data_rate = n * workers_per_gpu * per_worker
+            rate = min(train_rate, data_rate)
+            rows.append(dict(drop=d["drop"], gpus=n, train_clips_per_s=train_rate,
+                             decode_clips_per_s=data_rate, bound="training" if train_rate <= data_rate else "decode",
+                             epoch_hours=clips / rate / 3600,
+                             gpu_only_epoch_hours=clips / train_rate / 3600,
+                             unfused_epoch_hours=clips / min(n * unfused, data_rate) / 3600))
+    return rows
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--results", default=str(RESULTS), help="folder holding the two JSON files")
+    ap.add_argument("--train-json", help="bench_train.json (default: RESULTS/bench_train.json)")
+    ap.add_argument("--data-json", help="bench_data.json (default: RESULTS/bench_data.json)")
+    ap.add_argument("--workers-per-gpu", type=int, default=8,
+                    help="loader worker processes (CPU cores) per GPU")
+    ap.add_argument("--decode-rate", type=float, help="clips/s per worker (instead of bench_data)")
+    ap.add_argument("--gpus", type=int, nargs="+", default=[1, 8, 64])
+    ap.add_argument("--clips", type=float, default=WEBVID_CLIPS, help="clips in one epoch")
+    ap.add_argument("--out", help="folder for project_epoch.json/.md (default: --results)")
+    args = ap.parse_args(argv)
+    res = Path(args.results)
+    train_file = Path(args.train_json or res / "bench_train.json")
+    train = json.loads(train_file.read_text())
+    notes = []
+    if args.decode_rate:
+        per_worker, source, data = args.decode_rate, "--decode-rate", None
+    else:
+        data_file = Path(args.data_json or res / "bench_data.json")
+        if not data_file.exists() and not args.data_json and (RESULTS / "bench_data.json").exists():
+            data_file = RESULTS / "bench_data.json"
+            notes.append(f"decode rate from {data_file} (measured on another machine's CPU)")
+        data = json.loads(data_file.read_text())
+        per_worker, source = decode_rate(data)
+        tc, dc = train["config"], data["config"]
+        if (tc["frames"], tc["size"]) != (dc["frames"], dc["size"]):
+            notes.append(f"bench_data decoded {dc['frames']} frames at {dc['size']} px, bench_train "
+                         f"trained on {tc['frames']} frames at {tc['size']} px: rerun one to match")
+    rows = project(train, per_worker, args.workers_per_gpu, args.gpus, args.clips)
+    device = train["machine"]["gpu"] or f"{train['machine']['cpu']} (CPU)"
+    payload = {"benchmark": "project_epoch", "machine": machine_info(), "config": vars(args),
+               "train_source": str(train_file), "train_device": device,
+               "train_config": {k: train["config"][k] for k in ("preset", "frames", "size", "batch")},
+               "decode_clips_per_s_per_worker": per_worker, "decode_source": source,
+               "data_machine": data["machine"]["cpu"] if data else None, "notes": notes, "results": rows}
+    out = Path(args.out or res)
+    path = write_json(out / "project_epoch.json", payload)
+    body = markdown_table(
+        ["drop", "GPUs" if train["machine"]["gpu"] else "devices (CPUs like this one)", "train clips/s", "decode clips/s", "bound", "epoch h", "epoch h if data were free",
+         "epoch h unfused"],
+        [[r["drop"], r["gpus"], r["train_clips_per_s"], r["decode_clips_per_s"], r["bound"],
+          r["epoch_hours"], r["gpu_only_epoch_hours"], r["unfused_epoch_hours"]] for r in rows])
+    tcfg = payload["train_config"]
+    notes = [f"{args.clips / 1e6:.1f}M clips per epoch; training rate: bench_train's fused samples/s "
+             f"per device on {device} ({tcfg['preset']}, {tcfg['frames']} frames x {tcfg['size']} px, "
+             f"batch {tcfg['batch']}); decode: {per_worker:.2f} clips/s per worker ({source}) x "
+             f"{args.workers_per_gpu} workers per GPU",
+             "linear scaling in the number of GPUs assumed"] + notes
+    write_markdown(out / "project_epoch.md", "project_epoch: one WebVid-10M epoch", train["machine"],
+                   body, notes)
+    print(body)
+    for n in notes:
+        print(f"- {n}")
+    print(f"wrote {path}")
+    return payload
+
+
+if __name__ == "__main__":
+    main()

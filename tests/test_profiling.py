@@ -1,0 +1,203 @@
+"""The profiling suite in tiny configurations: every script runs, writes well-formed JSON with
+positive numbers, and its ratios divide the rates they name. Nothing here asserts a speed."""
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from profiling import bench_train, project_epoch  # noqa: E402
+from profiling.machine import pyplot  # noqa: E402
+
+HAVE_MPL = importlib.util.find_spec("matplotlib") is not None
+
+
+def env():
+    e = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
+    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT"):
+        e.pop(k, None)
+    return e
+
+
+def run(script, *args, timeout=300):
+    r = subprocess.run([sys.executable, str(ROOT / "profiling" / script), *map(str, args)], cwd=ROOT,
+                       env=env(), capture_output=True, text=True, timeout=timeout)
+    assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
+    return r
+
+
+def positive(x):
+    return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+@pytest.fixture(scope="module")
+def train_json(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench_train")
+    run("bench_train.py", "--cpu-defaults", "--frames", 2, "--size", 32, "--batch", 3,
+        "--drop", "0.5", "0.1:0.5", "--steps", 2, "--warmup", 1, "--threads", 1,
+        "--caption-tokens", "6:12", "--precision", "fp32", "--out", out)
+    return out / "bench_train.json"
+
+
+def test_bench_train_json_rates_and_ratios(train_json):
+    d = json.loads(train_json.read_text())
+    assert d["benchmark"] == "bench_train" and d["complete"] and d["engine"] == "deepspeed"
+    assert d["machine"]["versions"]["torch"] and "commit" in d["machine"]
+    assert [r["drop"] for r in d["results"]] == ["0.5", "0.1:0.5"]
+    assert positive(d["peak_tflops"])
+    for r in d["results"]:
+        for name in ("fused", "unfused"):
+            v = r[name]
+            assert v["steps"] == 2 and len(r["step_log"][name]) == 2
+            for k in ("step_ms", "forward_ms", "backward_ms", "optimizer_ms", "samples_per_s",
+                      "tokens_per_s", "tflops", "mfu", "peak_mem_gib"):
+                assert positive(v[k]), (name, k, v[k])
+            steps = r["step_log"][name]
+            assert v["tokens_per_s"] == pytest.approx(sum(s["tokens"] for s in steps) /
+                                                      sum(s["step_s"] for s in steps))
+        # same seeds per pair: both variants saw the same tokens
+        assert [s["tokens"] for s in r["step_log"]["fused"]] == [s["tokens"] for s in r["step_log"]["unfused"]]
+        c = r["ratio"]
+        assert c["speedup"] == pytest.approx(r["fused"]["tokens_per_s"] / r["unfused"]["tokens_per_s"])
+        assert c["pair_speedup_min"] <= c["pair_speedup_median"] <= c["pair_speedup_max"]
+    md = (train_json.parent / "bench_train.md").read_text()
+    assert "speedup" in md and "torch-varlen/gather" in md
+    assert (train_json.parent / "bench_train.png").exists() == HAVE_MPL
+
+
+def test_flop_count_matches_torch_flop_counter():
+    """train_flops' forward count = what torch's FlopCounterMode sees on the packed path (math SDPA),
+    up to causal text attention, which we count as Lq(Lq+1)/2 pairs and SDPA computes as Lq^2."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from hvfm.model import keep_counts
+    args = bench_train.parse_args(["--cpu-defaults", "--size", "32", "--frames", "2", "--batch", "4",
+                                   "--caption-tokens", "10:10", "--fusion-width", "96"])
+    model, tok = bench_train.build_model(args)
+    bench_train.variant(model, "torch-varlen/gather")
+    batch = bench_train.synthetic_batches(args, tok, "cpu", torch.float32, count=1)[0]
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc:
+        model(batch, drop_ratio="0.5", rng=np.random.default_rng(0),
+              generator=torch.Generator().manual_seed(0), reverse_negatives=True)
+    counts = keep_counts(np.full(4, 2 * 4), "0.5", np.random.default_rng(0))
+    shape = bench_train.ModelShape.of(model)
+    lens = batch["attention_mask"].sum(1).numpy()
+    f = bench_train.train_flops(shape, counts + 1, lens, int((batch["mlm_labels"] != -100).sum()))
+    causal_gap = 2 * 4.0 * (lens ** 2 - lens * (lens + 1) / 2).sum() * shape.t_width * shape.t_layers
+    assert f["forward"] + causal_gap == pytest.approx(fc.get_total_flops(), rel=1e-4)
+    assert f["total"] == pytest.approx(3 * f["linear"] + 3.5 * f["attention"] + 2 * f["patch"])
+
+
+def test_gpu_peak_table():
+    assert bench_train.gpu_peak_tflops("NVIDIA H100 PCIe") == 756
+    assert bench_train.gpu_peak_tflops("NVIDIA H100 80GB HBM3") == 989
+    assert bench_train.gpu_peak_tflops("NVIDIA H200") == 989
+    assert bench_train.gpu_peak_tflops("NVIDIA A100-SXM4-80GB") == 312
+    assert bench_train.gpu_peak_tflops("Some Other GPU") is None
+
+
+def test_plots_are_optional(monkeypatch, capsys, tmp_path):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    assert pyplot() is None
+    assert "matplotlib is not installed" in capsys.readouterr().out
+    assert bench_train.plot({"results": [{}]}, tmp_path / "x.png") is None
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    from hvfm.data.synthetic import generate
+    return generate(tmp_path_factory.mktemp("syn"), n_train=8, n_test=4, frames=4, size=32, seed=0)
+
+
+def test_bench_data_and_epoch_projection(corpus, train_json, tmp_path):
+    from profiling import bench_data
+    data_json = tmp_path / "bench_data.json"
+    bench_data.main(["--train-csv", str(corpus.train_csv), "--video-root", str(corpus.train_root),
+                     "--workers", "0", "--clips", "4", "--batch-size", "2", "--frames", "2",
+                     "--size", "32", "--out", str(data_json)])
+    data = json.loads(data_json.read_text())
+    assert positive(data["results"][0]["clips_per_s"]) and (tmp_path / "bench_data.md").exists()
+
+    p = project_epoch.main(["--train-json", str(train_json), "--data-json", str(data_json),
+                            "--workers-per-gpu", "4", "--gpus", "1", "8", "--out", str(tmp_path)])
+    train = json.loads(train_json.read_text())
+    per_worker = data["results"][0]["clips_per_s"]  # workers 0: the main process is one worker
+    assert p["decode_clips_per_s_per_worker"] == pytest.approx(per_worker)
+    assert len(p["results"]) == 2 * len(train["results"])
+    for r in p["results"]:
+        sps = next(d for d in train["results"] if d["drop"] == r["drop"])["fused"]["samples_per_s"]
+        assert r["train_clips_per_s"] == pytest.approx(r["gpus"] * sps)
+        assert r["decode_clips_per_s"] == pytest.approx(r["gpus"] * 4 * per_worker)
+        rate = min(r["train_clips_per_s"], r["decode_clips_per_s"])
+        assert r["epoch_hours"] == pytest.approx(10.7e6 / rate / 3600)
+        assert r["bound"] == ("training" if r["train_clips_per_s"] <= r["decode_clips_per_s"] else "decode")
+    assert "epoch h" in (tmp_path / "project_epoch.md").read_text()
+
+
+@pytest.mark.slow  # two trainer runs (~40-60 s): the only test of the ablation driver
+def test_ablate_drop_runs_the_trainer_per_ratio(corpus, tmp_path):
+    cfg = json.loads((ROOT / "ds_configs" / "z2.json").read_text())
+    cfg["train_micro_batch_size_per_gpu"] = 4
+    (tmp_path / "ds.json").write_text(json.dumps(cfg))
+    run("ablate_drop.py", "--ratios", "0.25", "0.75", "--steps", 2, "--deepspeed", tmp_path / "ds.json",
+        "--out", tmp_path / "out", "--runs-dir", tmp_path / "runs",
+        # unknown to ablate_drop: passed through to train.py
+        "--train-csv", corpus.train_csv, "--video-root", corpus.train_root,
+        "--eval-json", corpus.test_json, "--eval-video-root", corpus.test_root,
+        "--frames", 2, "--size", 32, "--workers", 0, "--precision", "fp32", timeout=600)
+    d = json.loads((tmp_path / "out" / "ablate_drop.json").read_text())
+    assert [r["drop"] for r in d["results"]] == ["0.25", "0.75"]
+    for r in d["results"]:
+        assert r["ok"] and r["steps"] == 2
+        for k in ("wall_s", "tokens_per_s", "samples_per_s", "process_s", "median_step_ms",
+                  "tokens_per_s_median_step"):
+            assert positive(r[k]), (k, r[k])
+        assert 0 <= r["after_t2v_r1"] <= 100
+        assert 0 <= r["after_temporal_acc"] <= 1 and 0 <= r["after_temporal_acc_one_frame"] <= 1
+        assert (tmp_path / "runs" / f"r{r['drop']}" / "summary.json").exists()
+    assert (tmp_path / "out" / "ablate_drop.md").exists()
+    assert (tmp_path / "out" / "ablate_drop.png").exists() == HAVE_MPL
+
+
+@pytest.mark.slow  # one 2-rank launch (~30-40 s): the only test of the ZeRO benchmark
+def test_bench_zero_two_ranks(tmp_path):
+    run("bench_zero.py", "--configs", "z3", "--checkpointing", "on", "--preset", "tiny",
+        "--size", 32, "--frames", 2, "--batch", 2, "--fusion-layers", 1, "--fusion-width", 64,
+        "--steps", 1, "--warmup", 1, "--out", tmp_path, timeout=600)
+    d = json.loads((tmp_path / "bench_zero.json").read_text())
+    assert d["world_size"] == 2 and d["complete"] and [r["config"] for r in d["results"]] == ["z3"]
+    for r in d["results"]:
+        assert r["ok"] and r["checkpointing"] is True, r
+        for k in ("params_mib", "grads_mib", "optimizer_mib", "model_states_mib", "peak_mem_gib", "step_ms"):
+            assert positive(r[k]), (k, r[k])
+        assert len(r["step_ms_per_rank"]) == 2
+        assert r["model_states_mib"] == pytest.approx(
+            sum(r[f"{g}_mib"] for g in ("params", "grads", "optimizer", "buffers")))
+    assert "z3" in (tmp_path / "bench_zero.md").read_text()
+
+
+def test_gpu_check_script_parses_and_dry_runs():
+    script = ROOT / "profiling" / "gpu_check.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    r = subprocess.run(["bash", str(script), "--dry-run", "--out", "/tmp/hvfm-gpu-check-dry"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120,
+                       env={k: v for k, v in os.environ.items() if k != "OUT"})
+    assert r.returncode == 0, r.stderr
+    for stage in ("env", "tests_kernels", "tests_rest", "bench_kernels", "bench_train", "bench_zero",
+                  "bench_data", "project_epoch"):
+        assert f"[{stage}]" in r.stdout
+    assert "bench_train.py --gpu-defaults" in r.stdout and "/tmp/hvfm-gpu-check-dry" in r.stdout
+    assert not Path("/tmp/hvfm-gpu-check-dry").exists()  # a dry run writes nothing
+    if not torch.cuda.is_available():
+        r = subprocess.run(["bash", str(script)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2 and "no CUDA GPU" in r.stderr
