@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -40,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from profiling.machine import (RESULTS, describe, machine_info, markdown_table, pyplot,  # noqa: E402
-                               write_json, write_markdown)
+                               run_logged, write_json, write_markdown)
 
 FLUSH_DENORMAL = ("import runpy, sys, torch; torch.set_flush_denormal(True); sys.argv = sys.argv[1:]; "
                   "runpy.run_path(sys.argv[0], run_name='__main__')")
@@ -124,12 +123,7 @@ def run_ratio(args, ratio, runs_dir, extra, env):
     cmd = train_command(args, ratio, out_dir, extra)
     print(f"drop {ratio}: {' '.join(cmd)}", flush=True)
     start = time.perf_counter()
-    with open(log, "w") as f:
-        try:
-            rc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT,
-                                timeout=args.timeout).returncode
-        except subprocess.TimeoutExpired:
-            rc = "timeout"
+    rc = run_logged(cmd, log, env, args.timeout)
     seconds = time.perf_counter() - start
     summary_file = out_dir / "summary.json"
     if rc != 0 or not summary_file.exists():

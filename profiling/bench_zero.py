@@ -35,7 +35,6 @@ import argparse
 import gc
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -50,7 +49,7 @@ if not CUDA:
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 from profiling.machine import (RESULTS, describe, machine_info, markdown_table, pyplot,  # noqa: E402
-                               reset_peak_rss, rss_bytes, write_json, write_markdown)
+                               reset_peak_rss, rss_bytes, run_logged, write_json, write_markdown)
 
 GIB, MIB = 2.0 ** 30, 2.0 ** 20
 CPU_DEFAULTS = dict(preset="tiny", frames=4, size=96, batch=4, fusion_layers=4, fusion_width=512,
@@ -402,12 +401,7 @@ def main(argv=None):
                    "--master_port", str(free_port()), str(Path(__file__).resolve()), *argv,
                    "--worker", "--worker-config", name, "--worker-checkpointing", ck,
                    "--result-file", str(result_file)]
-            with open(log, "w") as f:
-                try:
-                    rc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT,
-                                        timeout=args.timeout).returncode
-                except subprocess.TimeoutExpired:
-                    rc = "timeout"
+            rc = run_logged(cmd, log, env, args.timeout)
             if rc == 0 and result_file.exists():
                 got = json.loads(result_file.read_text())
                 result_file.unlink()

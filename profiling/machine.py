@@ -154,3 +154,14 @@ def pyplot():
         print("matplotlib is not installed: skipping the PNG plots (pip install matplotlib); "
               "the JSON and markdown tables are complete without them")
         return None
+
+
+def run_logged(cmd, log, env=None, timeout=None):
+    """Run `cmd` in the repository root with stdout+stderr to the file `log`; returns the exit
+    code, or "timeout" when it ran past `timeout` seconds (the child is killed)."""
+    with open(log, "w") as f:
+        try:
+            return subprocess.run(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT,
+                                  timeout=timeout).returncode
+        except subprocess.TimeoutExpired:
+            return "timeout"

@@ -20,3 +20,14 @@ def pytest_configure(config):
 import sys  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/videos.py and other helpers
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op thread for a module of tiny-model tests: as fast, and no stalls when other
+    processes share a small CPU. Restored afterwards."""
+    import torch
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

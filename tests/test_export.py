@@ -19,12 +19,8 @@ BUILD = dict(fusion_layers=1, fusion_width=None, attn="sdpa", max_frames=4)
 
 
 @pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one intra-op thread is as fast and does not stall on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def _one_thread(one_torch_thread):
+    """Tiny models: one intra-op thread (see conftest)."""
 
 @pytest.fixture(scope="module")
 def made(tmp_path_factory):

@@ -59,11 +59,8 @@ def run(tmp_path_factory):
 
 
 @pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def _one_thread(one_torch_thread):
+    """Tiny models: one intra-op thread (see conftest)."""
 
 
 def scores_of(capsys, run, checkpoint, path, *extra):
