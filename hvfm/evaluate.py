@@ -303,18 +303,8 @@ def read_multiple_choice(path, video_root, clean=clean_caption):
 
 
 def _read_json_list(path):
-    try:
-        with open(path, encoding="utf-8") as f:
-            entries = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(f"{path}: not valid JSON ({e}); expected a list of "
-                        f'{{"video", "caption"}} or {{"video", "options", "answer"}}') from None
-    except OSError as e:
-        raise DataError(f"{path}: cannot read the annotation file ({e.strerror})") from None
-    if not isinstance(entries, list) or not entries:
-        raise DataError(f'{path}: expected a non-empty JSON list of {{"video", "caption"}} or '
-                        f'{{"video", "options", "answer"}} entries')
-    return entries
+    from hvfm.data.annotations import read_json_list
+    return read_json_list(path, '{"video", "caption"} or {"video", "options", "answer"} entries')
 
 
 def detect_format(path):
@@ -727,7 +717,7 @@ def parse_args(argv=None):
 
 def run(args):
     """The CLI's work: returns the output object (rank 0's is printed by main)."""
-    from hvfm.export import default_clip_dir, merge_with_clip
+    from hvfm.export import merge_with_clip_dir
 
     if args.clip and args.merge_with_clip is None:
         raise DataError("--clip is only used with --merge-with-clip ALPHA")
@@ -751,11 +741,7 @@ def run(args):
         out["tag"] = info["tag"]
     merge = {"merge_alpha": None}
     if args.merge_with_clip is not None:
-        clip_dir = args.clip or default_clip_dir(info)
-        if clip_dir is None:
-            raise DataError("--merge-with-clip needs --clip DIR (the original CLIP folder); there "
-                            "is no OUTPUT_DIR/init_clip or run_config.json next to the checkpoint")
-        n = merge_with_clip(model, clip_dir, args.merge_with_clip)
+        clip_dir, n = merge_with_clip_dir(model, info, args.merge_with_clip, args.clip)
         merge = {"merge_alpha": args.merge_with_clip, "merge_clip": str(clip_dir), "merged_tensors": n}
     device = args.device or (f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
                              if torch.cuda.is_available() else "cpu")

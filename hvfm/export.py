@@ -419,6 +419,16 @@ def merge_with_clip(model, clip_dir, alpha):
     return merged
 
 
+def merge_with_clip_dir(model, info, alpha, clip_dir=None):
+    """`merge_with_clip` with the CLIP folder given, else the run's own (`default_clip_dir`).
+    Returns (the folder used, the number of tensors merged)."""
+    clip_dir = clip_dir or default_clip_dir(info)
+    if clip_dir is None:
+        raise DataError("--merge-with-clip needs --clip DIR (the original CLIP folder); there "
+                        "is no OUTPUT_DIR/init_clip or run_config.json next to the checkpoint")
+    return clip_dir, merge_with_clip(model, clip_dir, alpha)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m hvfm.export", description=__doc__.split("\n")[0])
     ap.add_argument("--checkpoint", required=True,
@@ -436,11 +446,7 @@ def main(argv=None):
             raise DataError(f"{args.checkpoint}: a plain CLIP folder has nothing to export")
         meta = {"source": info["source"]}
         if args.merge_with_clip is not None:
-            clip_dir = args.clip or default_clip_dir(info)
-            if clip_dir is None:
-                raise DataError("--merge-with-clip needs --clip DIR (no init_clip or run_config.json "
-                                "next to the checkpoint)")
-            n = merge_with_clip(model, clip_dir, args.merge_with_clip)
+            clip_dir, n = merge_with_clip_dir(model, info, args.merge_with_clip, args.clip)
             meta["merge"] = {"alpha": args.merge_with_clip, "clip": str(clip_dir), "tensors": n}
         build = {k: v for k, v in info["build"].items() if k != "checkpointing"}
         save_export(args.out, model.state_dict(), info["clip_config"], tokenizer, build, meta)

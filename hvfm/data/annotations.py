@@ -170,19 +170,26 @@ def _detect_layout(source, root, videos, alts):
     return videos, alts
 
 
-def read_json(path, video_root, paragraph=False, clean=None):
-    """Read a JSON list of {"video", "caption"} entries (MSR-VTT / DiDeMo style)."""
-    path = _check_file(path)
-    root = _check_root(video_root, path)
+def read_json_list(path, expected):
+    """The non-empty JSON list in `path`; any problem is one DataError naming the file and
+    `expected`, the shape of an entry."""
     try:
         with open(path, encoding="utf-8") as f:
             entries = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(f"{path}: not valid JSON ({e}); expected a list of "
-                        f'{{"video": path, "caption": text or [texts]}}') from None
+        raise DataError(f"{path}: not valid JSON ({e}); expected a list of {expected}") from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot read the annotation file ({e.strerror})") from None
     if not isinstance(entries, list) or not entries:
-        raise DataError(f"{path}: expected a non-empty JSON list of "
-                        f'{{"video": path, "caption": text or [texts]}}')
+        raise DataError(f"{path}: expected a non-empty JSON list of {expected}")
+    return entries
+
+
+def read_json(path, video_root, paragraph=False, clean=None):
+    """Read a JSON list of {"video", "caption"} entries (MSR-VTT / DiDeMo style)."""
+    path = _check_file(path)
+    root = _check_root(video_root, path)
+    entries = read_json_list(path, '{"video": path, "caption": text or [texts]}')
     videos, captions, extra = [], [], []
     for i, e in enumerate(entries):
         if not isinstance(e, dict) or "video" not in e or "caption" not in e:
