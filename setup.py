@@ -20,6 +20,7 @@ setup(
         f"decord>=0.6; {LINUX_X86}",
         "av>=12",
         "numpy>=1.24",
+        "pillow>=9",
         "tqdm>=4.60",
         "nvidia-ml-py>=12",
     ],

@@ -4,7 +4,7 @@ Retrieval, multiple choice and temporal accuracy, computed the way the video-lan
 reports them.
 
     python -m hvfm.evaluate --checkpoint CKPT --ann test.json --video-root DIR [--frames 8]
-        [--pool auto|joint|mean] [--paragraph] [--rerank-k K [--rerank-score prob|logit]]
+        [--pool auto|joint|mean] [--paragraph] [--rerank-k K [--rerank-score sum|prob|logit]]
         [--dsl [--dsl-temp 100]]
         [--mc-by sim|vtm] [--eval-drop-ratio R --views N --seed S]
         [--merge-with-clip ALPHA [--clip DIR]] [--tag TAG] [--dump-scores scores.npy] [--table]
@@ -31,8 +31,11 @@ the batch). Then, in this order:
   S * softmax(T * S, axis=videos), the softmax taken independently per column / row. It uses the
   whole query set at once (transductive), as the papers that report it do.
 - `--rerank-k K` re-ranking: for each text, its K best videos by the current score are scored by
-  the VTM head through the fusion encoder (match probability, or `--rerank-score logit`: the
-  log-odds logit_match - logit_nomatch) and placed above every other video, in that order; the
+  the VTM head through the fusion encoder, by default (`--rerank-score sum`) its log-odds
+  logit_match - logit_nomatch plus the VTC logit (the model's logit scale x the cosine), so
+  that VTM adds its evidence to the similarity's instead of replacing it: where VTM cannot tell
+  candidates apart the similarity's order stands (`prob`: the match probability alone, `logit`:
+  the log-odds alone) and placed above every other video, in that order; the
   rest keep their order. Likewise the K best texts of each video for video-to-text. VTM encodes
   the video once per re-rank pass with the first view's patches.
 `--merge-with-clip ALPHA` first interpolates the weights with the original CLIP (`--clip DIR`,
@@ -74,6 +77,7 @@ from hvfm.data.annotations import Annotations  # noqa: E402
 from hvfm.data.text import clean_caption  # noqa: E402
 
 DSL_TEMP = 100.0
+RERANK_SCORES = ("sum", "prob", "logit")
 
 
 # ============================================================================ metrics (pure)
@@ -550,14 +554,14 @@ def _check_options(views, drop_ratio, rerank_k=0, rerank_score="prob"):
                         f"pass --eval-drop-ratio too")
     if rerank_k < 0:
         raise DataError(f"--rerank-k {rerank_k}: give 0 (off) or a positive number")
-    if rerank_score not in ("prob", "logit"):
-        raise DataError(f"--rerank-score {rerank_score}: choose prob or logit")
+    if rerank_score not in RERANK_SCORES:
+        raise DataError(f"--rerank-score {rerank_score}: choose one of {', '.join(RERANK_SCORES)}")
 
 
 @torch.no_grad()
 def evaluate(model, tokenizer, ann, frames=8, size=96, batch_size=32, workers=0, drop_ratio=None,
              progress=False, dump_scores=None, dtype=torch.float32, *, views=1, seed=0,
-             rerank_k=0, rerank_score="prob", dsl=False, dsl_temp=DSL_TEMP, missing="raise",
+             rerank_k=0, rerank_score="sum", dsl=False, dsl_temp=DSL_TEMP, missing="raise",
              shard=False, pool="joint"):
     """Retrieval metrics of `ann` (and temporal accuracy when it has groups).
 
@@ -581,7 +585,11 @@ def evaluate(model, tokenizer, ann, frames=8, size=96, batch_size=32, workers=0,
                        {(int(t), j) for j, row in enumerate(top_v) for t in row})
         where = {p: n for n, p in enumerate(pairs)}
         vals = _vtm_all(model, tokenizer, ann, [p[0] for p in pairs], [p[1] for p in pairs], shard,
-                        batch_size=batch_size, score=rerank_score, progress=progress, **enc)
+                        batch_size=batch_size, score="prob" if rerank_score == "prob" else "logit",
+                        progress=progress, **enc)
+        if rerank_score == "sum":  # VTM log-odds + VTC logit: the two experts' evidence added
+            scale = float(model.logit_scale.detach().float().clamp(max=np.log(100.0)).exp())
+            vals = vals + scale * np.array([sims[p] for p in pairs])
         vt = np.array([[vals[where[(i, int(v))]] for v in row] for i, row in enumerate(top_t)])
         vv = np.array([[vals[where[(int(t), j)]] for t in row] for j, row in enumerate(top_v)])
         t2v = rerank_topk(t2v, top_t, vt)
@@ -697,7 +705,9 @@ def parse_args(argv=None):
                     help="average the similarity over N random drops (needs --eval-drop-ratio)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the random drops")
     ap.add_argument("--rerank-k", type=int, default=0, help="re-rank each query's top k by VTM (0: off)")
-    ap.add_argument("--rerank-score", choices=("prob", "logit"), default="prob")
+    ap.add_argument("--rerank-score", choices=RERANK_SCORES, default="sum",
+                    help="sum: VTM log-odds + VTC logit (scale x cosine); prob: VTM match "
+                         "probability alone; logit: VTM log-odds alone")
     ap.add_argument("--dsl", action="store_true", help="dual-softmax re-scoring of the similarity")
     ap.add_argument("--dsl-temp", type=float, default=DSL_TEMP)
     ap.add_argument("--mc-by", choices=("sim", "vtm"), default="sim",

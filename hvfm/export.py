@@ -175,6 +175,26 @@ def save_export(folder, state_dict, clip_config, tokenizer, build, meta=None):
     return folder
 
 
+def save_clip_folder(folder, state_dict, clip_config, tokenizer):
+    """Write a plain HF `CLIPModel` folder (config, model.safetensors, tokenizer) from an hvfm
+    state: the image CLIP of stage 1, loadable by `--clip` and by `CLIPModel.from_pretrained`.
+    Atomic like `save_export`."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = folder.with_name(f".{folder.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir(parents=True)
+    clip, _ = split_state(state_dict)
+    _clip_config_for(clip_config, state_dict).save_pretrained(str(tmp))
+    tokenizer.save_pretrained(str(tmp))
+    save_file(clip, str(tmp / CLIP_WEIGHTS), metadata={"format": "pt"})
+    if folder.exists():
+        shutil.rmtree(folder)
+    os.rename(tmp, folder)
+    return folder
+
+
 def read_export_state(folder):
     """hvfm state dict of an export folder (v1 or v2)."""
     from safetensors.torch import load_file
@@ -205,6 +225,9 @@ def _build_model(clip_config, tokenizer, build, attn=None):
     build = dict(build)
     if attn:
         build["attn"] = attn
+    # exports written before these options existed: no motion channel, VTM on the first token
+    build.setdefault("motion", False)
+    build.setdefault("vtm_token", "first")
     clip = CLIPModel(clip_config)
     return VideoLanguageModel.from_clip(clip, tokenizer, **build), build
 
@@ -285,7 +308,9 @@ def _run_build(run_dir, source):
         tokenizer = load_tokenizer(args["tokenizer"])
     add_mask_token(clip, tokenizer)
     build = dict(fusion_layers=args.get("fusion_layers", 2), fusion_width=args.get("fusion_width"),
-                 attn=run.get("attn", "sdpa"), max_frames=max(int(args.get("frames", 8)), 16))
+                 attn=run.get("attn", "sdpa"), max_frames=max(int(args.get("frames", 8)), 16),
+                 motion=bool(args.get("motion_channel", False)),
+                 vtm_token=run.get("build", {}).get("vtm_token", "first"))
     return clip.config, tokenizer, build
 
 

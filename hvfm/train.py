@@ -34,9 +34,15 @@ if __package__ in (None, ""):  # run as a script (the deepspeed launcher does): 
 from hvfm.data import DataError, build_loader, read_annotations  # noqa: E402
 from hvfm.data.text import clean_caption, ensure_tokenizer, load_tokenizer  # noqa: E402
 
-# The built-in default (no data flags): the tiny preset from random weights on the synthetic
-# corpus. A random model learns faster than a pretrained CLIP is fine-tuned, hence its own LR.
-BUILTIN = {"max_steps": 600, "lr": 5e-4, "max_minutes": 10.0}
+# The built-in default (no data flags) has two stages, as the method: an image CLIP (the `tiny`
+# preset) pretrained on the built-in stills, built once and cached, then post-pretrained on the
+# built-in video corpus with the defaults of any --clip run (2 epochs). Stage 1 trains a random
+# model, at a higher LR than a pretrained one is tuned at.
+BUILTIN = {"epochs": 2, "max_minutes": 10.0}
+TEMPORAL_LR_MULT, FRESH_LR_MULT, VTM_HARDNESS = 100.0, 10.0, 0.0
+IMAGE_CROP = (0.9, 1.0)  # stills: their captions name places, which a large crop would move
+BUILTIN_IMAGE = {"max_steps": 1200, "lr": 5e-4, "batch_size": 64, "max_minutes": 8.0,
+                 "drop_ratio": "0.5"}
 ATTN_CHOICES = ("auto", "sdpa", "torch-varlen", "triton", "flash_attn", "xformers")
 PRESETS = ("tiny", "vit-b16", "vit-l14")
 
@@ -59,6 +65,10 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(prog="hvfm/train.py", description=__doc__.split("\n")[0])
     ap.add_argument("--deepspeed", metavar="PATH", required=True, help="DeepSpeed config JSON")
     ap.add_argument("--local_rank", "--local-rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)))
+    ap.add_argument("--stage", choices=("video", "image"), default="video",
+                    help="video: post-pretrain a CLIP on video-text pairs (the method); image: "
+                         "pretrain an image CLIP on stills (stage 1: one frame, VTC only), exported "
+                         "as an HF CLIPModel folder for --clip")
     m = ap.add_argument_group("model")
     m.add_argument("--model", default="tiny", help=f"preset without --clip: {', '.join(PRESETS)}")
     m.add_argument("--clip", metavar="DIR", help="HF CLIPModel folder to start from")
@@ -78,20 +88,51 @@ def parse_args(argv=None):
     d.add_argument("--frames", type=int, default=8)
     d.add_argument("--size", type=int, default=None, help="frame side (default: the model's)")
     d.add_argument("--workers", type=int, default=2, help="loader worker processes per rank")
+    d.add_argument("--batch-size", type=int, default=None,
+                   help="clips (or images) per device and micro-step (default: the DeepSpeed "
+                        f"config's; {BUILTIN_IMAGE['batch_size']} in the image stage on the built-in stills)")
     t = ap.add_argument_group("method")
-    t.add_argument("--drop-ratio", default="0.5", help="patch drop ratio, or a range lo:hi per sample")
+    t.add_argument("--drop-ratio", default="0.5", help="patch drop ratio, or a range lo:hi per "
+                   f"sample (the image stage on the built-in stills: {BUILTIN_IMAGE['drop_ratio']})")
     t.add_argument("--eval-drop-ratio", default=None)
     t.add_argument("--mask-ratio", type=float, default=0.5)
     t.add_argument("--loss-weights", default="1,1,1", help="VTC,VTM,MLM")
-    t.add_argument("--temporal-lr-mult", type=float, default=10.0,
-                   help="LR multiplier of the zero-initialised temporal embedding")
-    t.add_argument("--reverse-negatives", action=argparse.BooleanOptionalAction, default=True,
-                   help="the clip played backwards as an extra hard negative")
+    t.add_argument("--temporal-lr-mult", type=float, default=TEMPORAL_LR_MULT,
+                   help="LR multiplier of the zero-initialised parameters of time (temporal "
+                        "embedding, motion channel)")
+    t.add_argument("--fresh-lr-mult", type=float, default=FRESH_LR_MULT,
+                   help="LR multiplier of the fusion encoder's freshly initialised layers "
+                        "(cross-attention, input maps, VTM and MLM heads)")
+    t.add_argument("--motion-channel", action=argparse.BooleanOptionalAction, default=True,
+                   help="each patch also gets its local optical flow (Lucas-Kanade over frames "
+                        "t-1, t, t+1) through a zero-initialised map (see hvfm/model/video.py)")
+    t.add_argument("--reverse-negatives", type=float, nargs="?", const=1.0, default=1.0,
+                   metavar="FRACTION", help="the fraction of each batch whose clips are also "
+                   "encoded played backwards, as extra hard negatives of their own captions")
+    t.add_argument("--no-reverse-negatives", dest="reverse_negatives", action="store_const",
+                   const=0.0, help="no reversed-clip negatives (--reverse-negatives 0)")
+    t.add_argument("--vtm-hardness", type=float, default=VTM_HARDNESS,
+                   help="VTM negatives are drawn with p ~ softmax(hardness x the VTC logits) "
+                        "among the non-matching pairs: 1 the hardest (ALBEF), 0 uniformly")
+    t.add_argument("--mirror-negatives", type=float, default=0.0, metavar="FRACTION",
+                   help="image stage: that fraction of the stills also enters its batch mirrored "
+                        "(left-right or top-bottom) with its place words swapped, a hard negative "
+                        "that only position tells apart")
     o = ap.add_argument_group("schedule and output")
-    o.add_argument("--max-steps", type=int, default=None, help=f"default: {BUILTIN['max_steps']} on the built-in data")
-    o.add_argument("--epochs", type=int, default=None)
-    o.add_argument("--max-minutes", type=float, default=None, help=f"stop training after this long (default: {BUILTIN['max_minutes']:g} on the built-in data)")
-    o.add_argument("--lr", type=float, default=None, help=f"peak LR (default: the config's; {BUILTIN['lr']} on the built-in data)")
+    o.add_argument("--max-steps", type=int, default=None,
+                   help=f"default: --epochs' steps; the image stage on the built-in stills: "
+                        f"{BUILTIN_IMAGE['max_steps']}")
+    o.add_argument("--epochs", type=int, default=None,
+                   help=f"passes over the data (default 1; {BUILTIN['epochs']} on the built-in video corpus)")
+    o.add_argument("--image-steps", type=int, default=None,
+                   help=f"steps of the built-in image CLIP when the built-in default has to build it "
+                        f"(default: {BUILTIN_IMAGE['max_steps']}; each value is cached on its own)")
+    o.add_argument("--max-minutes", type=float, default=None,
+                   help=f"stop training after this long (default: {BUILTIN['max_minutes']:g} on the "
+                        f"built-in clips, {BUILTIN_IMAGE['max_minutes']:g} on the built-in stills)")
+    o.add_argument("--lr", type=float, default=None,
+                   help=f"peak LR (default: the config's; {BUILTIN_IMAGE['lr']} for the image stage "
+                        f"on the built-in stills, a model trained from random weights)")
     o.add_argument("--warmup-steps", type=int, default=None, help="default: 5%% of the steps")
     o.add_argument("--output-dir", default=None, help="default: runs/<date-time>")
     o.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: at the end)")
@@ -171,7 +212,8 @@ def check_output_dir(out_dir):
                           f"choose a writable --output-dir") from None
 
 
-def read_ds_config(path, world_size):
+def read_ds_config(path, world_size, batch_size=None):
+    """The DeepSpeed config, checked; `batch_size` (--batch-size) replaces its micro batch."""
     try:
         with open(path) as f:
             cfg = json.load(f)
@@ -181,6 +223,12 @@ def read_ds_config(path, world_size):
         raise ConfigError(f"{path}: not valid JSON ({e})") from None
     if isinstance(cfg, dict):
         check_ds_keys(path, cfg)  # first: a misspelt batch-size key is named as such
+    if isinstance(cfg, dict) and batch_size is not None:
+        if batch_size < 1:
+            raise ConfigError(f"--batch-size {batch_size}: give a positive number")
+        cfg["train_micro_batch_size_per_gpu"] = batch_size
+        if "train_batch_size" in cfg:
+            cfg["train_batch_size"] = batch_size * cfg.get("gradient_accumulation_steps", 1) * world_size
     if not isinstance(cfg, dict) or "train_micro_batch_size_per_gpu" not in cfg:
         raise ConfigError(f"{path}: missing train_micro_batch_size_per_gpu")
     micro, accum = cfg["train_micro_batch_size_per_gpu"], cfg.get("gradient_accumulation_steps", 1)
@@ -202,6 +250,16 @@ def check_args(args, cuda):
                           f"or pass --clip DIR")
     if args.attn not in ATTN_CHOICES:
         raise ConfigError(f"--attn {args.attn}: unknown backend; choose one of {', '.join(ATTN_CHOICES)}")
+    if not 0.0 <= args.mirror_negatives <= 1.0:
+        raise ConfigError(f"--mirror-negatives {args.mirror_negatives:g}: give a fraction in [0, 1]")
+    if not 0.0 <= args.vtm_hardness:
+        raise ConfigError(f"--vtm-hardness {args.vtm_hardness:g}: give a number >= 0")
+    if not 0.0 <= args.reverse_negatives <= 1.0:
+        raise ConfigError(f"--reverse-negatives {args.reverse_negatives:g}: give a fraction of the "
+                          f"batch in [0, 1]")
+    for flag, value in (("--temporal-lr-mult", args.temporal_lr_mult), ("--fresh-lr-mult", args.fresh_lr_mult)):
+        if not value > 0:
+            raise ConfigError(f"{flag} {value:g}: give a positive multiplier")
     if args.precision == "fp16" and not cuda:
         raise ConfigError("--precision fp16 needs a GPU (DeepSpeed has no fp16 on CPU); use bf16 or fp32")
     if args.train_csv and args.train_json:
@@ -277,32 +335,48 @@ def broadcast(obj):
 
 
 def prepare_data(args, out_dir, rank):
-    """(train annotations, eval annotations or None, tokenizer folder or None). Rank 0 generates
-    the synthetic corpus and the tokenizer; the others wait at the barrier and load them."""
+    """(train annotations, eval annotations or None, tokenizer folder or None). With no data flags
+    rank 0 generates the built-in corpus of the stage (stills or clips) and the built-in tokenizer;
+    the others wait at the barrier and load them."""
     import torch.distributed as dist
     from hvfm.data.synthetic import ensure_corpus
+    from hvfm.data.synthetic_images import ensure_images
 
-    corpus = None
-    if not (args.train_csv or args.train_json):
+    builtin = not (args.train_csv or args.train_json)
+    train = evaluation = None
+    if builtin and args.stage == "image":
         if rank == 0:
-            corpus = ensure_corpus(workers=os.cpu_count(), progress=True)
+            ensure_images(seed=args.seed, workers=os.cpu_count(), progress=True)
+        dist.barrier()
+        root = ensure_images(seed=args.seed)
+        train = read_annotations(root / "images.json", root, clean=clean_caption)
+        if not args.eval_json:
+            evaluation = read_annotations(root / "images_test.json", root, clean=clean_caption)
+    elif builtin:
+        if rank == 0:
+            ensure_corpus(workers=os.cpu_count(), progress=True)
         dist.barrier()
         corpus = ensure_corpus()
         train = read_annotations(corpus.train_csv, corpus.train_root, clean=clean_caption)
+        if not args.eval_json:
+            evaluation = read_annotations(corpus.test_json, corpus.test_root, clean=clean_caption)
     else:
         train = read_annotations(args.train_csv or args.train_json, args.video_root, clean=clean_caption)
     if args.eval_json:
         evaluation = read_annotations(args.eval_json, args.eval_video_root, clean=clean_caption)
-    elif corpus is not None:
-        evaluation = read_annotations(corpus.test_json, corpus.test_root, clean=clean_caption)
-    else:
-        evaluation = None
     tok_dir = args.tokenizer
     if tok_dir is None and args.clip is None:
-        tok_dir = (corpus.root if corpus else out_dir) / "tokenizer"
-        if rank == 0:
-            ensure_tokenizer(tok_dir, train)
-        dist.barrier()
+        if builtin:  # one tokenizer for both built-in corpora; it travels with the image CLIP
+            from hvfm.data.builtin import builtin_tokenizer_dir, ensure_builtin_tokenizer
+            if rank == 0:
+                ensure_builtin_tokenizer(seed=args.seed)
+            dist.barrier()
+            tok_dir = builtin_tokenizer_dir(seed=args.seed)
+        else:
+            tok_dir = out_dir / "tokenizer"
+            if rank == 0:
+                ensure_tokenizer(tok_dir, train)
+            dist.barrier()
     return train, evaluation, tok_dir
 
 
@@ -326,32 +400,44 @@ def build_model(args, tok_dir, out_dir, attn, rank):
         tokenizer = load_tokenizer(tok_dir)
     add_mask_token(clip, tokenizer)
     build = dict(fusion_layers=args.fusion_layers, fusion_width=args.fusion_width, attn=attn,
-                 max_frames=max(args.frames, 16), checkpointing=args.activation_checkpointing)
+                 max_frames=max(args.frames, 16), checkpointing=args.activation_checkpointing,
+                 motion=args.motion_channel, vtm_token="last")
     model = VideoLanguageModel.from_clip(clip, tokenizer, **build)
     build.pop("checkpointing")
     return model, tokenizer, clip.config, build
 
 
-TEMPORAL = "video.embeddings.temporal_embedding"
+TIME_PARAMS = ("video.embeddings.temporal_embedding", "video.embeddings.motion_weight")
+FRESH = ()
+FRESH_FUSION = ("cross_norm", "cross_attn", "video_in", "text_in", "vtm_head", "mlm_head")
 
 
-def param_groups(model, weight_decay, lr, temporal_lr_mult=1.0):
-    """AdamW groups: no decay for biases, norms, embeddings and the temperature; the temporal
-    embedding (new, zero-initialised) in a group of its own at `lr * temporal_lr_mult`."""
-    decay, no_decay, temporal = [], [], []
+def param_groups(model, weight_decay, lr, temporal_lr_mult=1.0, fresh_lr_mult=1.0):
+    """AdamW groups: no decay for biases, norms, embeddings and the temperature. The parameters
+    of time (temporal embedding, motion channel: new and zero-initialised) learn at
+    `lr * temporal_lr_mult`; the fusion encoder's fresh layers (cross-attention, input maps,
+    heads: randomly initialised, unlike its blocks copied from the text tower) at
+    `lr * fresh_lr_mult`; the rest (CLIP's towers) at `lr`."""
+    groups = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if name == TEMPORAL:
-            temporal.append(p)
-        elif p.ndim < 2 or "embedding" in name or "logit_scale" in name:
-            no_decay.append(p)
+        if name in TIME_PARAMS:
+            key = ("time", False)
         else:
-            decay.append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    if temporal:
-        groups.append({"params": temporal, "weight_decay": 0.0, "lr": lr * temporal_lr_mult})
-    return groups
+            fresh = name in FRESH or (name.startswith("fusion.") and
+                                      any(f".{k}" in f".{name}" for k in FRESH_FUSION))
+            decay = not (p.ndim < 2 or "embedding" in name or "logit_scale" in name)
+            key = ("fresh" if fresh else "base", decay)
+        groups.setdefault(key, []).append(p)
+    mult = {"base": 1.0, "fresh": fresh_lr_mult, "time": temporal_lr_mult}
+    out = []
+    for (kind, decay), params in groups.items():
+        group = {"params": params, "weight_decay": weight_decay if decay else 0.0}
+        if mult[kind] != 1.0:
+            group["lr"] = lr * mult[kind]
+        out.append(group)
+    return out
 
 
 def lr_lambda(total_steps, warmup):
@@ -365,28 +451,98 @@ def lr_lambda(total_steps, warmup):
 
 # ----------------------------------------------------------------------------- evaluation
 
-def run_eval(model, tokenizer, ann, args, size, dtype, label, rank):
-    """Retrieval with all frames, and with one frame (an image model's view)."""
+def run_eval(model, tokenizer, ann, args, size, dtype, label, rank, pool="joint"):
+    """Retrieval with all frames and with one frame (an image model's view); the image stage
+    evaluates stills (one frame). pool "mean": every frame encoded as an image, embeddings
+    averaged (the image CLIP baseline)."""
     from hvfm.evaluate import evaluate
     results = {}
-    for frames, key in ((args.frames, "all_frames"), (1, "one_frame")):
+    views = ((1, "one_frame"),) if args.stage == "image" else ((args.frames, "all_frames"), (1, "one_frame"))
+    for frames, key in views:
         results[key] = evaluate(model, tokenizer, ann, frames=frames, size=size,
                                 workers=min(args.workers, 2), drop_ratio=args.eval_drop_ratio,
-                                dtype=dtype)
+                                dtype=dtype, pool=pool)
     if rank == 0:
-        a, o = results["all_frames"], results["one_frame"]
-        line = (f"[{label}] t2v R@1/5/10 {a['t2v_r1']:.1f}/{a['t2v_r5']:.1f}/{a['t2v_r10']:.1f}  "
-                f"v2t R@1/5/10 {a['v2t_r1']:.1f}/{a['v2t_r5']:.1f}/{a['v2t_r10']:.1f}")
-        if "temporal_acc" in a:
-            line += (f"  temporal acc: {a['temporal_acc']:.3f} with {args.frames} frames, "
-                     f"{o['temporal_acc']:.3f} with 1 frame (chance {a['temporal_chance']:.3f})")
-        print(line, flush=True)
+        for key, r in results.items():
+            what = "1 frame" if key == "one_frame" else f"{args.frames} frames"
+            line = (f"[{label}, {what}] t2v R@1/5/10 {r['t2v_r1']:.1f}/{r['t2v_r5']:.1f}/{r['t2v_r10']:.1f}  "
+                    f"v2t R@1/5/10 {r['v2t_r1']:.1f}/{r['v2t_r5']:.1f}/{r['v2t_r10']:.1f}")
+            if "temporal_acc" in r:
+                line += (f"  temporal acc {r['temporal_acc']:.3f} (motion "
+                         f"{r.get('temporal_acc_motion', float('nan')):.3f}, order "
+                         f"{r.get('temporal_acc_order', float('nan')):.3f}; chance {r['temporal_chance']:.3f})")
+            print(line, flush=True)
     return results
+
+
+def comparison_table(before, after, frames):
+    """The built-in default's closing table: the image CLIP against the harvested video model."""
+    head = (f"{'':44}{'t2v R@1':>8}{'R@5':>6}{'R@10':>6}{'v2t R@1':>9}{'R@5':>6}{'R@10':>6}"
+            f"{'motion':>8}{'order':>7}")
+    lines = [head]
+    for name, res in (("image CLIP (frames mean-pooled)", before), ("harvested video model", after)):
+        for key, what in (("all_frames", f"{frames} frames"), ("one_frame", "1 frame")):
+            r = res.get(key)
+            if r is None:
+                continue
+            lines.append(f"{name + ', ' + what:44}{r['t2v_r1']:8.1f}{r['t2v_r5']:6.1f}{r['t2v_r10']:6.1f}"
+                         f"{r['v2t_r1']:9.1f}{r['v2t_r5']:6.1f}{r['v2t_r10']:6.1f}"
+                         f"{r.get('temporal_acc_motion', float('nan')):8.3f}"
+                         f"{r.get('temporal_acc_order', float('nan')):7.3f}")
+    lines.append("temporal accuracy: chance 0.25 for motion (4 directions), 0.5 for order (2)")
+    return "\n".join(lines)
+
+
+def image_clip_key(args):
+    """What the built-in image CLIP depends on: a change of any of these builds a new one."""
+    from hvfm.data.builtin import TOKENIZER_VERSION
+    from hvfm.data.synthetic_images import DEFAULT_IMAGES, IMAGE_VERSION
+    return {"preset": args.model, "seed": args.seed, "images": DEFAULT_IMAGES,
+            "image_generator": IMAGE_VERSION, "tokenizer": TOKENIZER_VERSION, **BUILTIN_IMAGE,
+            "max_steps": args.image_steps or BUILTIN_IMAGE["max_steps"]}
+
+
+def ensure_image_clip(args, rank):
+    """The built-in image CLIP (stage 1 on the built-in stills), trained once by this trainer and
+    cached in HVFM_CACHE/image_clip/ keyed by `image_clip_key`. Every rank takes part."""
+    import hashlib
+    import uuid
+
+    import torch.distributed as dist
+    from hvfm.data.synthetic import default_cache_dir
+
+    key = image_clip_key(args)
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
+    folder = default_cache_dir().parent / "image_clip" / f"{args.model}-{digest}"
+    marker = folder / "hvfm_image_clip.json"
+    if marker.exists():
+        if rank == 0:
+            print(f"image CLIP: the built-in one, cached in {folder}", flush=True)
+        return folder
+    tmp = Path(broadcast(str(folder.with_name(f".{folder.name}.tmp-{uuid.uuid4().hex[:8]}"))))
+    if rank == 0:
+        print(f"image CLIP: building the built-in one once (stage 1: the {args.model} preset on "
+              f"the built-in stills, cached in {folder})", flush=True)
+    argv = ["--deepspeed", args.deepspeed, "--stage", "image", "--model", args.model,
+            "--seed", str(args.seed), "--attn", args.attn, "--precision", args.precision,
+            "--workers", str(args.workers), "--output-dir", str(tmp),
+            "--max-steps", str(key["max_steps"]), "--max-minutes", str(key["max_minutes"])]
+    summary = train(parse_args(argv), label="image CLIP")
+    if rank == 0:
+        (tmp / "final" / marker.name).write_text(json.dumps({"key": key, "summary": {
+            k: summary[k] for k in ("steps", "wall_s", "eval") if k in summary}}, indent=2))
+        if folder.exists():  # a half-written one (no marker)
+            shutil.rmtree(folder, ignore_errors=True)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        os.rename(tmp / "final", folder)
+        shutil.rmtree(tmp, ignore_errors=True)
+    dist.barrier()
+    return folder
 
 
 # ----------------------------------------------------------------------------- training
 
-def train(args):
+def train(args, label=None):
     import deepspeed
     import numpy as np
     import torch
@@ -397,8 +553,15 @@ def train(args):
     if not cuda:  # subnormal floats made the first CPU steps of a fresh run 10-20x slower here
         torch.set_flush_denormal(True)
     weights = check_args(args, cuda)
+    image = args.stage == "image"
+    builtin = not (args.train_csv or args.train_json)
+    if image:  # stage 1: stills are one-frame clips; contrastive loss alone
+        args.frames, args.reverse_negatives, args.motion_channel = 1, 0.0, False
+        weights = {"vtc": 1.0, "vtm": 0.0, "mlm": 0.0}
+        if builtin and args.batch_size is None:
+            args.batch_size = BUILTIN_IMAGE["batch_size"]
     world_guess = int(os.environ.get("WORLD_SIZE", 1))
-    cfg = read_ds_config(args.deepspeed, world_guess)
+    cfg = read_ds_config(args.deepspeed, world_guess, args.batch_size)
     out_dir = Path(args.output_dir) if args.output_dir else None
     ckpt_dir = out_dir / "checkpoints" if out_dir else None
     check_output_dir(out_dir or "runs")
@@ -428,21 +591,33 @@ def train(args):
             shutil.rmtree(partial, ignore_errors=True)
     dist.barrier()
 
+    harvest = builtin and not image and args.clip is None
+    if harvest:  # the built-in default harvests: stage 1 first (once, cached), then this stage
+        args.clip = str(ensure_image_clip(args, rank))
     train_ann, eval_ann, tok_dir = prepare_data(args, out_dir, rank)
     model, tokenizer, clip_config, build = build_model(args, tok_dir, out_dir, attn, rank)
+    if image:  # an image model: no time, no fusion (the tied token embedding stays trainable)
+        tied = model.text.token_embedding.weight
+        for p in model.fusion.parameters():
+            p.requires_grad_(p is tied)
+        model.video.embeddings.temporal_embedding.requires_grad_(False)
     size = args.size or model.video.image_size
-    builtin = not (args.train_csv or args.train_json)
-    max_steps = args.max_steps or (BUILTIN["max_steps"] if builtin else None)
-    if builtin and args.lr is None and args.clip is None:
-        args.lr = BUILTIN["lr"]
+    preset = BUILTIN_IMAGE if image else BUILTIN
+    max_steps = args.max_steps or (preset.get("max_steps") if builtin else None)
+    if builtin and args.epochs is None and args.max_steps is None:
+        args.epochs = preset.get("epochs")
+    if builtin and image and args.lr is None:
+        args.lr = preset["lr"]
     if builtin and args.max_minutes is None and args.max_steps is None:
-        args.max_minutes = BUILTIN["max_minutes"]  # a slow machine stops early, not late
+        args.max_minutes = preset["max_minutes"]  # a slow machine stops early, not late
     micro = cfg["train_micro_batch_size_per_gpu"]
     accum = cfg.get("gradient_accumulation_steps", 1)
     loader = build_loader(train_ann, tokenizer, batch_size=micro, frames=args.frames, size=size,
                           seed=args.seed, num_workers=args.workers, mask_ratio=args.mask_ratio,
                           rank=rank, world_size=world, pin_memory=cuda,
-                          decode_timeout=args.decode_timeout or None)
+                          decode_timeout=args.decode_timeout or None,
+                          mirror=args.mirror_negatives if image else 0.0,
+                          crop_scale=IMAGE_CROP if image else (0.5, 1.0))
     steps_per_epoch = len(loader) // accum
     if max_steps is None:
         max_steps = (args.epochs or 1) * steps_per_epoch
@@ -458,7 +633,8 @@ def train(args):
     warmup = args.warmup_steps if args.warmup_steps is not None else max(1, max_steps // 20)
     engine, _, _, scheduler = deepspeed.initialize(
         model=model, model_parameters=param_groups(model, opt_params.get("weight_decay", 0.0),
-                                                   opt_params.get("lr", 1e-4), args.temporal_lr_mult),
+                                                   opt_params.get("lr", 1e-4), args.temporal_lr_mult,
+                                                   args.fresh_lr_mult),
         config=cfg, lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(max_steps, warmup)))
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
 
@@ -477,14 +653,18 @@ def train(args):
     elif rank == 0:
         (out_dir / "run_config.json").write_text(json.dumps(
             {"args": vars(args), "ds_config": cfg, "attn": attn, "precision": precision,
-             "precision_probe_s": precision_probe, "world_size": world, "max_steps": max_steps}, indent=2))
+             "precision_probe_s": precision_probe, "world_size": world, "max_steps": max_steps,
+             "build": build}, indent=2))
 
     results = {}
-    if eval_ann is not None and not args.no_eval and not args.resume:
-        results["before"] = run_eval(engine.module, tokenizer, eval_ann, args, size, dtype, "before", rank)
+    if eval_ann is not None and not args.no_eval and not args.resume and not image:
+        # the image CLIP the run starts from, each frame an image, as the baseline to beat
+        results["before"] = run_eval(engine.module, tokenizer, eval_ann, args, size, dtype,
+                                     "image CLIP, frames mean-pooled", rank, pool="mean")
 
     if rank == 0:
-        print(f"training: {max_steps} steps of {micro * accum * world} clips "
+        print(f"{label or 'training'}: {max_steps} steps of {micro * accum * world} "
+              f"{'images' if image else 'clips'}{' (+ mirrored ones)' if image and args.mirror_negatives else ''} "
               f"({world} rank(s)), attn {attn}, {precision}, drop ratio {args.drop_ratio}, "
               f"output {out_dir}", flush=True)
     from hvfm.metrics_log import MetricsLog
@@ -531,7 +711,8 @@ def train(args):
             out = engine(batch, drop_ratio=args.drop_ratio, rng=np.random.default_rng(seeds),
                          generator=torch.Generator(device=engine.device).manual_seed(
                              int(seeds.generate_state(1, np.uint64)[0] >> 2)),
-                         reverse_negatives=args.reverse_negatives, loss_weights=weights)
+                         reverse_negatives=args.reverse_negatives, loss_weights=weights,
+                         vtm_hardness=args.vtm_hardness)
             fed += 1
             loss = test_nan(out["loss"], fed)
             # A non-finite loss on any rank: every rank drops this micro-batch (no backward, no
@@ -589,9 +770,10 @@ def train(args):
         save(engine, ckpt_dir, step, loader, wall_before + wall,
              {"nonfinite_skipped": nonfinite["skipped"], "batches_fed": fed}, rank)
 
-    export_final(engine, out_dir / "final", clip_config, tokenizer, build, cfg, rank)
+    export_final(engine, out_dir / "final", clip_config, tokenizer, build, cfg, rank, image)
     if eval_ann is not None and not args.no_eval:
-        results["after"] = run_eval(engine.module, tokenizer, eval_ann, args, size, dtype, "after", rank)
+        results["after"] = run_eval(engine.module, tokenizer, eval_ann, args, size, dtype,
+                                    label or ("image CLIP" if image else "harvested"), rank)
     # Skip counters summed over ranks; bad files: the union of every rank's.
     counts = torch.tensor([loader.counters()[k] for k in ("skipped", "bad_drawn", "timeouts", "crashes")],
                           dtype=torch.float64, device=engine.device)
@@ -608,6 +790,8 @@ def train(args):
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         print(json.dumps({k: v for k, v in summary.items() if k != "eval"}), flush=True)
         log.close()
+        if "before" in results and "after" in results:
+            print(comparison_table(results["before"], results["after"], args.frames), flush=True)
     return summary
 
 
@@ -822,15 +1006,19 @@ def _publish(ckpt_dir, tmp_tag, tag):
     _fsync(ckpt_dir, directory=True)
 
 
-def export_final(engine, folder, clip_config, tokenizer, build, cfg, rank):
-    """Consolidate the weights (gathered from all ranks under ZeRO-3) and write OUTPUT_DIR/final."""
-    from hvfm.export import save_export
+def export_final(engine, folder, clip_config, tokenizer, build, cfg, rank, image=False):
+    """Consolidate the weights (gathered from all ranks under ZeRO-3) and write OUTPUT_DIR/final:
+    an hvfm export, or after the image stage a plain HF CLIPModel folder with its tokenizer."""
+    from hvfm.export import save_clip_folder, save_export
     if cfg.get("zero_optimization", {}).get("stage", 0) == 3:
         state = engine._zero3_consolidated_16bit_state_dict()  # collective: every rank calls it
     else:
         state = engine.module.state_dict() if rank == 0 else None
     if rank == 0:
-        save_export(folder, state, clip_config, tokenizer, build)
+        if image:
+            save_clip_folder(folder, state, clip_config, tokenizer)
+        else:
+            save_export(folder, state, clip_config, tokenizer, build)
 
 
 def remove_shm_buffer():

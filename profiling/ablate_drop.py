@@ -1,28 +1,31 @@
-"""The drop-ratio trade-off: the real trainer, the same step budget, several patch drop ratios.
+"""Ablations of the method's choices with the real trainer, harvesting from the built-in image CLIP.
 
-For each ratio R it runs
+Studies (each run is `hvfm/train.py` on its built-in default: the video corpus, post-pretrained
+from the built-in image CLIP, which is built once and cached; flags you add go to every run):
 
-    python hvfm/train.py --deepspeed ds_configs/z2.json --drop-ratio R --max-steps N \\
-                         --output-dir RUNS/rR [any other train.py flags you pass]
+- drop:    patch drop ratio 0 / 0.5 / 0.75 / 0.9 at equal steps (`--epochs`);
+- time:    the same ratios at equal training wall time: each ratio gets the steps that fit in
+           the time the 0.5 run took, from its own median step time in the drop study (so every
+           run completes its LR schedule);
+- mask:    MLM mask ratio 0 against 0.5 (drop 0.5): does MLM help VTM and multiple choice?
+- reverse: reversed-clip negatives for none, half or all of the batch: accuracy against step time.
+- temporal: how time gets in: the temporal embedding's LR multiplier 100 against 10, and the
+           motion channel (local flow) on against off.
 
-one after the other, reads each run's summary.json and reports, per ratio: training wall time,
-tokens/s (kept video + text tokens per second per device), samples/s, the final loss, and the
-evaluation after training -- text-to-video R@1 with all frames, temporal accuracy with all frames
-and with one frame (where the evaluation set has temporal groups: the synthetic corpus does).
+Runs with the same flags are run once and shared by the studies (the base: drop 0.5, mask 0.5,
+all clips reversed). Per run it reports the training wall time, the median step, tokens/s, the
+final VTM loss against its prior, and after training: t2v R@1, temporal accuracy for motion and
+order with all frames and with one frame, and multiple choice among the captions of each clip's
+temporal group (the same objects in every motion or order) by similarity and by VTM.
 
-    python profiling/ablate_drop.py [--ratios 0 0.25 0.5 0.75 0.9] [--steps 30]
-                                    [--deepspeed ds_configs/z2.json] [--out profiling/results]
-                                    [train.py flags, e.g. --train-csv C --video-root D
-                                     --eval-json E --eval-video-root F --frames 8 --workers 4]
+    python profiling/ablate_drop.py [--studies drop time mask reverse] [--epochs 1]
+        [--ratios 0 0.5 0.75 0.9] [--out profiling/results] [train.py flags]
 
-Flags this script does not know go to train.py unchanged, so the same command ablates your own
-data. With no data flags the trainer uses its built-in synthetic corpus and the tiny preset.
-Default budget: 30 steps per ratio, which measures the time side in minutes on CPU (on 2 shared
-cores about 2-5 minutes per ratio with 8 frames, evaluation included; `--frames 4` halves it) but
-leaves the accuracies near chance; the trainer's built-in budget is 600 steps (--steps 600), where
-the accuracies mean something (about an hour per ratio on such a CPU, minutes on a GPU). Runs are sequential, so unlike bench_train the times are not interleaved: compare them on a
-quiet machine. Writes ablate_drop.json, ablate_drop.md and ablate_drop.png (when matplotlib is
-installed) into --out; each run's folder and log stay under --runs-dir.
+On this project's 2-core CPU one epoch of the built-in corpus (250 steps of 16 clips, 8 frames)
+takes 3-8 minutes per run by drop ratio, evaluation included: about 50 minutes for all studies.
+Runs are sequential, so compare times on a quiet machine. Writes ablate_drop.json, ablate_drop.md
+and ablate_drop.png (when matplotlib is installed) into --out; run folders and logs stay under
+--runs-dir.
 """
 from __future__ import annotations
 
@@ -41,22 +44,44 @@ sys.path.insert(0, str(ROOT))
 from profiling.machine import (RESULTS, describe, machine_info, markdown_table, pyplot,  # noqa: E402
                                run_logged, write_json, write_markdown)
 
-FLUSH_DENORMAL = ("import runpy, sys, torch; torch.set_flush_denormal(True); sys.argv = sys.argv[1:]; "
-                  "runpy.run_path(sys.argv[0], run_name='__main__')")
-OWNED = ("--drop-ratio", "--max-steps", "--output-dir", "--deepspeed", "--resume")
+OWNED = ("--drop-ratio", "--mask-ratio", "--reverse-negatives", "--no-reverse-negatives",
+         "--temporal-lr-mult", "--motion-channel", "--no-motion-channel",
+         "--max-steps", "--epochs", "--output-dir", "--deepspeed", "--resume")
+STUDIES = ("drop", "time", "mask", "reverse", "temporal")
+BASE = {"--drop-ratio": "0.5", "--mask-ratio": "0.5", "--reverse-negatives": "1",
+        "--temporal-lr-mult": "100", "--motion-channel": None}  # None: a flag without a value
+VTM_PRIOR = 0.5623  # cross-entropy of 1 positive in 4 pairs (positive, 2 hard negatives, reversed)
 
 
-def run_dir_name(ratio):
-    return "r" + str(ratio).replace(":", "-")
+def variants(study, ratios):
+    """(label, flags) of one study's runs; flags override BASE."""
+    if study == "drop":
+        return [(f"drop {r}", {"--drop-ratio": r}) for r in ratios]
+    if study == "mask":
+        return [(f"mask {m}", {"--mask-ratio": m}) for m in ("0", "0.5")]
+    if study == "reverse":
+        return [(f"reverse {f}", {"--reverse-negatives": f}) for f in ("0", "0.5", "1")]
+    if study == "temporal":
+        return [("temporal LR x100, motion channel", {}),
+                ("temporal LR x10", {"--temporal-lr-mult": "10"}),
+                ("no motion channel", {"--motion-channel": None, "--no-motion-channel": None})]
+    raise ValueError(study)
 
 
-def train_command(args, ratio, out_dir, extra):
-    log_every = [] if any(f.split("=")[0] == "--log-every" for f in extra) else ["--log-every", "1"]
-    # --flush-denormal: the trainer with torch.set_flush_denormal(True) set first (see README)
-    launch = [sys.executable, "-c", FLUSH_DENORMAL] if args.flush_denormal else [sys.executable]
-    return [*launch, str(ROOT / "hvfm" / "train.py"), "--deepspeed", args.deepspeed,
-            "--drop-ratio", str(ratio), "--max-steps", str(args.steps), "--output-dir", str(out_dir),
-            "--seed", str(args.seed), *log_every, *extra]
+def _full(flags):
+    full = {**BASE, **flags}
+    if "--no-motion-channel" in full:
+        full.pop("--motion-channel", None)
+    return full
+
+
+def key_of(flags):
+    return "_".join(f"{k.strip('-').replace('-', '')}{'' if v is None else v}"
+                    for k, v in sorted(_full(flags).items()))
+
+
+def flag_list(flags):
+    return [x for k, v in _full(flags).items() for x in ((k,) if v is None else (k, v))]
 
 
 def child_env():
@@ -93,67 +118,83 @@ def step_times(metrics_csv):
         return []
 
 
-def read_run(summary, ratio, seconds, log, metrics_csv=None):
-    ev = summary.get("eval", {})
-    row = {"drop": ratio, "ok": True, "log": str(log), "process_s": seconds,
-           "steps": summary.get("steps"), "wall_s": summary.get("wall_s"),
-           "samples_per_s": summary.get("samples_per_s"),
-           "tokens_per_s": summary.get("tokens_per_s_per_device"),
-           "final_loss": _get(summary, "last_losses", "loss"),
-           "precision": summary.get("precision"), "attn": summary.get("attn")}
-    for when in ("before", "after"):
-        row[f"{when}_t2v_r1"] = _get(ev, when, "all_frames", "t2v_r1")
-        row[f"{when}_temporal_acc"] = _get(ev, when, "all_frames", "temporal_acc")
-        row[f"{when}_temporal_acc_one_frame"] = _get(ev, when, "one_frame", "temporal_acc")
-    row["temporal_chance"] = _get(ev, "after", "all_frames", "temporal_chance")
-    # The median step is robust to bursts of load on a shared machine; the wall time is not.
-    times = step_times(metrics_csv) if metrics_csv else []
-    row["median_step_ms"] = 1e3 * float(np.median(times)) if times else None
-    if times and row["tokens_per_s"] and row["wall_s"] and row["steps"]:
-        tokens_per_step = row["tokens_per_s"] * row["wall_s"] / row["steps"]
-        row["tokens_per_s_median_step"] = tokens_per_step / (row["median_step_ms"] / 1e3)
-    else:
-        row["tokens_per_s_median_step"] = None
-    return row
+def mc_file(test_json, out):
+    """Multiple choice among each test clip's temporal group: the options are the captions of
+    its group (every motion, or both orders, of the same objects), the answer its own."""
+    entries = json.loads(Path(test_json).read_text())
+    groups = {}
+    for e in entries:
+        groups.setdefault(e["group"], []).append(e["caption"])
+    mc = [{"video": e["video"], "options": groups[e["group"]],
+           "answer": groups[e["group"]].index(e["caption"]), "kind": e.get("kind")} for e in entries]
+    Path(out).write_text(json.dumps(mc))
+    return out
 
 
-def run_ratio(args, ratio, runs_dir, extra, env):
-    out_dir = runs_dir / run_dir_name(ratio)
-    log = runs_dir / f"{run_dir_name(ratio)}.log"
-    cmd = train_command(args, ratio, out_dir, extra)
-    print(f"drop {ratio}: {' '.join(cmd)}", flush=True)
+def evaluate_mc(final, mc, video_root, by, env, log):
+    cmd = [sys.executable, "-m", "hvfm.evaluate", "--checkpoint", str(final), "--ann", str(mc),
+           "--video-root", str(video_root), "--frames", "8", "--mc-by", by, "--workers", "1"]
+    rc = run_logged(cmd, log, env)
+    if rc != 0:
+        return None
+    return json.loads(Path(log).read_text().strip().splitlines()[-1])["mc_acc"]
+
+
+def run_one(args, label, flags, extra, env, runs_dir, steps=None, test=None):
+    name = key_of(flags) + (f"_steps{steps}" if steps else "")
+    out_dir, log = runs_dir / name, runs_dir / f"{name}.log"
+    full = _full(flags)
+    schedule = ["--max-steps", str(steps)] if steps else ["--epochs", str(args.epochs)]
+    cmd = [sys.executable, str(ROOT / "hvfm" / "train.py"), "--deepspeed", args.deepspeed,
+           *flag_list(flags), *schedule, "--output-dir", str(out_dir),
+           "--log-every", "1", "--seed", str(args.seed), *extra]
+    print(f"{label}: {' '.join(cmd)}", flush=True)
     start = time.perf_counter()
     rc = run_logged(cmd, log, env, args.timeout)
     seconds = time.perf_counter() - start
     summary_file = out_dir / "summary.json"
     if rc != 0 or not summary_file.exists():
         tail = log.read_text()[-1500:]
-        print(f"drop {ratio}: train.py failed ({rc}); last lines of {log}:\n{tail}", flush=True)
-        return {"drop": ratio, "ok": False, "returncode": rc, "log": str(log), "process_s": seconds,
-                "log_tail": tail}
-    row = read_run(json.loads(summary_file.read_text()), ratio, seconds, log, out_dir / "metrics.csv")
-    print(f"drop {ratio}: {row['wall_s']:.1f} s training, {row['tokens_per_s']:.0f} tokens/s, "
-          f"R@1 {row['after_t2v_r1']}, temporal {row['after_temporal_acc']} "
-          f"(1 frame {row['after_temporal_acc_one_frame']})", flush=True)
+        print(f"{label}: train.py failed ({rc}); last lines of {log}:\n{tail}", flush=True)
+        return {"label": label, "flags": full, "ok": False, "returncode": rc, "log": str(log)}
+    s = json.loads(summary_file.read_text())
+    ev = s.get("eval", {})
+    times = step_times(out_dir / "metrics.csv")
+    row = {"label": label, "flags": full, "ok": True, "log": str(log), "process_s": seconds,
+           "steps": s["steps"], "wall_s": s["wall_s"], "tokens_per_s": s["tokens_per_s_per_device"],
+           "median_step_ms": 1e3 * float(np.median(times)) if times else None,
+           "final_vtm": _get(s, "last_losses", "vtm"), "final_loss": _get(s, "last_losses", "loss")}
+    for view in ("all_frames", "one_frame"):
+        sfx = "" if view == "all_frames" else "_1f"
+        row["t2v_r1" + sfx] = _get(ev, "after", view, "t2v_r1")
+        row["motion" + sfx] = _get(ev, "after", view, "temporal_acc_motion")
+        row["order" + sfx] = _get(ev, "after", view, "temporal_acc_order")
+    if test is not None:
+        for by in ("sim", "vtm"):
+            row[f"mc_{by}"] = evaluate_mc(out_dir / "final", test["mc"], test["root"], by, env,
+                                          runs_dir / f"{name}.mc_{by}.log")
+    print(f"{label}: {row['steps']} steps in {row['wall_s']:.0f} s, R@1 {row['t2v_r1']}, motion "
+          f"{row['motion']}, order {row['order']}, VTM {row['final_vtm']}", flush=True)
     return row
 
 
-def fmt(x, pct=False):
-    return None if x is None else (f"{x:.1f}" if pct else x)
+def fmt(x, digits=3):
+    return None if x is None else round(x, digits)
 
 
 def table(rows):
     body = []
     for r in rows:
         if not r["ok"]:
-            body.append([r["drop"], f"failed ({r['returncode']})"] + [None] * 8)
+            body.append([r["study"], r["label"], f"failed ({r['returncode']})"] + [None] * 11)
             continue
-        body.append([r["drop"], r["steps"], r["wall_s"], r.get("median_step_ms"), r["tokens_per_s"],
-                     r.get("tokens_per_s_median_step"), r["final_loss"], fmt(r["after_t2v_r1"], True),
-                     fmt(r["after_temporal_acc"]), fmt(r["after_temporal_acc_one_frame"])])
-    return markdown_table(["drop", "steps", "train s", "median step ms", "tokens/s",
-                           "tokens/s at median step", "final loss", "t2v R@1 %", "temporal acc",
-                           "temporal acc (1 frame)"], body)
+        body.append([r["study"], r["label"], r["steps"], fmt(r["wall_s"], 0), fmt(r["median_step_ms"], 0),
+                     fmt(r["tokens_per_s"], 0), fmt(r["t2v_r1"], 1), fmt(r["motion"]), fmt(r["order"]),
+                     f"{fmt(r['motion_1f'])} / {fmt(r['order_1f'])}", fmt(r["final_vtm"]),
+                     fmt(r.get("mc_sim"), 1), fmt(r.get("mc_vtm"), 1)])
+    return markdown_table(["study", "run", "steps", "train s", "median step ms", "tokens/s",
+                           "t2v R@1 %", "motion", "order", "1 frame motion / order",
+                           f"final VTM loss (prior {VTM_PRIOR})", "MC by sim %", "MC by VTM %"], body)
 
 
 def plot(payload, path):
@@ -161,40 +202,42 @@ def plot(payload, path):
     rows = [r for r in payload["results"] if r["ok"]]
     if plt is None or not rows:
         return None
-    x = np.array([float(str(r["drop"]).split(":")[0]) for r in rows])
-    labels = [str(r["drop"]) for r in rows]
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for key, label, marker in (("after_t2v_r1", "t2v R@1 (%, /100)", "o"),
-                               ("after_temporal_acc", "temporal acc, all frames", "s"),
-                               ("after_temporal_acc_one_frame", "temporal acc, 1 frame", "^")):
-        ys = [r[key] for r in rows]
-        if all(y is None for y in ys):
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    a1, a2, a3 = axes
+    for study, ls in (("drop", "-"), ("time", "--")):
+        sr = [r for r in rows if r["study"] == study]
+        if not sr:
             continue
-        ys = [np.nan if y is None else (y / 100 if key.endswith("r1") else y) for y in ys]
-        a1.plot(x, ys, marker=marker, label=label)
-    chance = rows[-1].get("temporal_chance")
-    if chance:
-        a1.axhline(chance, color="gray", ls=":", label="temporal chance")
+        x = [float(r["flags"]["--drop-ratio"]) for r in sr]
+        what = "equal steps" if study == "drop" else "equal time"
+        a1.plot(x, [r["order"] for r in sr], "s" + ls, color="tab:blue", label=f"order, {what}")
+        a1.plot(x, [r["motion"] for r in sr], "^" + ls, color="tab:red", label=f"motion, {what}")
+        a1.plot(x, [r["t2v_r1"] / 100 for r in sr], "o" + ls, color="tab:green", label=f"t2v R@1/100, {what}")
+        if study == "drop":
+            a2.bar(range(len(sr)), [r["wall_s"] for r in sr], color="tab:gray")
+            a2.set_xticks(range(len(sr)), [str(v) for v in x])
+            a2.set_xlabel("drop ratio")
+            a2.set_ylabel(f"training wall time, {sr[0]['steps']} steps (s)")
+    a1.axhline(0.25, color="tab:red", ls=":", lw=0.8)
+    a1.axhline(0.5, color="tab:blue", ls=":", lw=0.8)
     a1.set_xlabel("drop ratio")
-    a1.set_ylabel("accuracy after training")
-    a1.set_title(f"accuracy, {payload['config']['steps']} steps each")
-    a1.legend(fontsize=8)
-    a2.bar(range(len(rows)), [r["wall_s"] for r in rows], color="tab:gray", label="training wall s")
-    a2.set_xticks(range(len(rows)), labels)
-    a2.set_xlabel("drop ratio")
-    a2.set_ylabel("training wall time (s)")
-    robust = all(r.get("median_step_ms") for r in rows)
-    if robust:
-        a2.plot(range(len(rows)), [r["median_step_ms"] * r["steps"] / 1e3 for r in rows], "k_",
-                markersize=30, mew=2, label="steps x median step")
-    a2.legend(fontsize=8, loc="upper center")
-    tw = a2.twinx()
-    key = "tokens_per_s_median_step" if robust else "tokens_per_s"
-    tw.plot(range(len(rows)), [r[key] for r in rows], "o-", color="tab:green")
-    tw.set_ylabel("tokens/s per device" + (" (median step)" if robust else ""), color="tab:green")
-    a2.set_title("time for the same step budget")
-    fig.suptitle(f"drop-ratio ablation on {payload['machine']['gpu'] or payload['machine']['cpu']}",
-                 fontsize=10)
+    a1.set_ylabel("after training (dotted: chance)")
+    a1.legend(fontsize=7)
+    a1.set_title("accuracy against drop ratio")
+    a2.set_title("time for the same steps")
+    other = [r for r in rows if r["study"] in ("mask", "reverse")]
+    if other:
+        xs = range(len(other))
+        a3.bar([i - 0.2 for i in xs], [r["final_vtm"] or 0 for r in other], 0.4, label="final VTM loss")
+        a3.bar([i + 0.2 for i in xs], [(r.get("mc_vtm") or 0) / 100 for r in other], 0.4, label="MC by VTM")
+        a3.axhline(VTM_PRIOR, color="k", ls=":", lw=0.8, label="VTM prior")
+        a3.set_xticks(list(xs), [r["label"] for r in other], rotation=20, fontsize=8)
+        tw = a3.twinx()
+        tw.plot(list(xs), [r["median_step_ms"] or np.nan for r in other], "ko-", label="median step ms")
+        tw.set_ylabel("median step (ms)")
+        a3.legend(fontsize=7, loc="upper left")
+        a3.set_title("MLM mask ratio and reversed negatives")
+    fig.suptitle(f"ablations on {payload['machine']['gpu'] or payload['machine']['cpu']}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -202,53 +245,74 @@ def plot(payload, path):
 
 
 def write_report(payload, out):
-    """ablate_drop.md (table + notes) and the plot, from the payload."""
     cfg, rows, info = payload["config"], payload["results"], payload["machine"]
-    extra = cfg["train_args"]
-    notes = [f"each ratio: `hvfm/train.py --deepspeed {Path(cfg['deepspeed']).name} --max-steps "
-             f"{cfg['steps']} {' '.join(extra)}`" + ("" if extra else " (built-in synthetic corpus, tiny preset)")
-             + ("; run with torch.set_flush_denormal(True) (--flush-denormal)" if cfg.get("flush_denormal") else ""),
-             "train s = the trainer's training-loop wall time (evaluation excluded); tokens/s = "
-             "kept video + text tokens per second per device over that time; median step ms = the "
-             "median of the logged steps' data wait + compute (robust to bursts of load on a shared "
-             "machine), and tokens/s at median step = the mean tokens per step / that median",
-             "accuracies: the trainer's evaluation after training (t2v R@1 with all frames; "
-             "temporal accuracy with all frames and with one frame)",
+    notes = [f"each run: `hvfm/train.py --deepspeed {Path(cfg['deepspeed']).name} "
+             f"--epochs {cfg['epochs']} {' '.join(cfg['train_args'])}` on the built-in default (video "
+             f"corpus, from the built-in image CLIP) plus the run's flags; base: drop 0.5, mask 0.5, "
+             f"every clip also reversed, temporal LR x100, motion channel on",
+             "time: each drop ratio trained for the steps that fit, at its own median step time, "
+             "in the training time of the drop-0.5 run",
+             "accuracies after training on the built-in test split, 8 frames (1 frame where said); "
+             "chance: motion 0.25, order 0.5",
+             "MC: each test clip's caption among the captions of its temporal group, picked by "
+             "similarity or by VTM match probability (chance 37.5%: groups of 4 and 2)",
              "runs are sequential, not interleaved: times are comparable on a quiet machine only"]
-    write_markdown(Path(out) / "ablate_drop.md", "ablate_drop: the drop-ratio trade-off", info, table(rows), notes)
+    write_markdown(Path(out) / "ablate_drop.md", "ablate_drop: drop ratio, mask ratio, reversed negatives",
+                   info, table(rows), notes)
     return plot(payload, Path(out) / "ablate_drop.png")
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                  epilog="Unknown flags are passed to hvfm/train.py.")
-    ap.add_argument("--ratios", nargs="+", default=["0", "0.25", "0.5", "0.75", "0.9"],
-                    help="drop ratios (numbers or lo:hi ranges)")
-    ap.add_argument("--steps", type=int, default=30, help="training steps per ratio")
+    ap.add_argument("--studies", nargs="+", default=list(STUDIES), choices=STUDIES)
+    ap.add_argument("--ratios", nargs="+", default=["0", "0.5", "0.75", "0.9"], help="drop ratios")
+    ap.add_argument("--epochs", type=int, default=1, help="epochs per run (equal-step studies)")
     ap.add_argument("--deepspeed", default=str(ROOT / "ds_configs" / "z2.json"))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--timeout", type=float, default=None, help="seconds allowed per run")
-    ap.add_argument("--flush-denormal", action="store_true",
-                    help="run the trainer with torch.set_flush_denormal(True) (CPU: early steps "
-                         "can otherwise be 20x slower on subnormal floats)")
-    ap.add_argument("--runs-dir", help="where the runs go (default: RESULTS/tmp/ablate_drop-<time>)")
+    ap.add_argument("--runs-dir", help="where the runs go (default: RESULTS/tmp/ablate-<time>)")
     ap.add_argument("--out", default=str(RESULTS), help="folder for ablate_drop.json/.md/.png")
     args, extra = ap.parse_known_args(argv)
     clash = [f for f in extra if f.split("=")[0] in OWNED]
     if clash:
-        ap.error(f"{', '.join(clash)}: set by this script (use --ratios/--steps/--runs-dir/--deepspeed)")
-    runs_dir = Path(args.runs_dir or RESULTS / "tmp" / time.strftime("ablate_drop-%Y%m%d-%H%M%S"))
+        ap.error(f"{', '.join(clash)}: set by this script (use --studies/--ratios/--epochs/--runs-dir)")
+    if "time" in args.studies and ("drop" not in args.studies or "0.5" not in args.ratios):
+        ap.error("the time study needs the drop study with ratio 0.5 (its time budget)")
+    runs_dir = Path(args.runs_dir or RESULTS / "tmp" / time.strftime("ablate-%Y%m%d-%H%M%S"))
     runs_dir.mkdir(parents=True, exist_ok=True)
     info = machine_info()
     print(f"machine: {describe(info)}")
     env = child_env()
-    rows = []
+    test = None
+    if "--eval-json" not in extra:
+        from hvfm.data.synthetic import ensure_corpus
+        corpus = ensure_corpus(workers=os.cpu_count())
+        test = {"mc": mc_file(corpus.test_json, runs_dir / "test_mc.json"), "root": corpus.test_root}
+    rows, done = [], {}
     payload = {"benchmark": "ablate_drop", "machine": info, "config": {**vars(args), "train_args": extra},
                "runs_dir": str(runs_dir), "results": rows}
     out = Path(args.out)
-    for ratio in args.ratios:
-        rows.append(run_ratio(args, ratio, runs_dir, extra, env))
+
+    def record(study, label, flags, steps=None):
+        key = (key_of(flags), steps)
+        if key not in done:
+            done[key] = run_one(args, label, flags, extra, env, runs_dir, steps, test)
+        rows.append({**done[key], "study": study, "label": label})
         write_json(out / "ablate_drop.json", payload)
+        return done[key]
+
+    for study in args.studies:
+        if study == "time":
+            drops = {r["flags"]["--drop-ratio"]: r for r in rows if r["study"] == "drop" and r["ok"]}
+            budget_s = drops["0.5"]["wall_s"]
+            for ratio, r in drops.items():
+                steps = r["steps"] if ratio == "0.5" else int(budget_s / (r["median_step_ms"] / 1e3))
+                record("time", f"drop {ratio}, {budget_s:.0f} s", {"--drop-ratio": ratio},
+                       None if ratio == "0.5" else steps)
+            continue
+        for label, flags in variants(study, args.ratios):
+            record(study, label, flags)
     png = write_report(payload, out)
     print(table(rows))
     print(f"wrote {out / 'ablate_drop.json'}" + (f", {png}" if png else ""))

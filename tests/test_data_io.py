@@ -109,7 +109,16 @@ def test_bad_annotation_files_fail_in_one_line(tmp_path):
 
 def test_sampling_indices_train_and_eval():
     rng = np.random.default_rng(0)
-    assert sample_indices(80, 8, train=False) == [4, 14, 24, 34, 44, 54, 64, 74]
+    assert sample_indices(80, 8, train=False) == [5, 15, 25, 35, 44, 54, 64, 74]
+    assert sample_indices(17, 8, train=False) == [1, 3, 5, 7, 9, 11, 13, 15]
+    assert sample_indices(17, 1, train=False) == [8]
+    # evaluation frames of a clip played backwards are the mirrored frames (no time leak)
+    for n in range(2, 60):
+        for f in range(1, n + 1):
+            idx = sample_indices(n, f, train=False)
+            assert len(set(idx)) == len(idx) == f and all(0 <= i < n for i in idx)
+            if f % 2 == 0 or n % 2 == 1:  # else the middle sample falls between two frames
+                assert sorted(n - 1 - i for i in idx) == idx, (n, f)
     for n in (8, 9, 17, 100, 1001):
         for _ in range(20):
             idx = sample_indices(n, 8, train=True, rng=rng)

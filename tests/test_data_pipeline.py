@@ -20,7 +20,7 @@ CAPTIONS = ["a red circle moves left", "a blue square moves right",
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
-    return build_tokenizer(CAPTIONS * 3, tmp_path_factory.mktemp("tok"), vocab_size=120)
+    return build_tokenizer(CAPTIONS * 3, tmp_path_factory.mktemp("tok"), vocab_size=400)
 
 
 def test_train_and_eval_transforms(tmp_path):

@@ -37,7 +37,7 @@ def env(tmp_path_factory):
     root = tmp_path_factory.mktemp("evalcli")
     corpus = generate(root / "syn", n_train=1, n_test=6, frames=4, size=32, seed=0)
     ann = read_annotations(corpus.test_json, corpus.test_root, clean=clean_caption)
-    tok = build_tokenizer(list(ann.pair_caption), root / "tok", vocab_size=120)
+    tok = build_tokenizer(list(ann.pair_caption), root / "tok", vocab_size=400)
     clip = tiny_clip(tok, dtype=torch.float32, max_positions=32)
     clip.save_pretrained(root / "clip")
     tok.save_pretrained(root / "clip")
@@ -131,7 +131,8 @@ def test_dsl_and_rerank_through_the_model(env, capsys, tmp_path):
     # re-ranking the top 5 of 6 keeps R@5 (same top-5 sets), re-ranking all 6 is pure VTM order
     r5 = evaluate(model, tok, ann, rerank_k=5, **kw)
     assert (r5["t2v_r5"], r5["v2t_r5"]) == (base["t2v_r5"], base["v2t_r5"]) and r5["rerank_k"] == 5
-    full = evaluate(model, tok, ann, rerank_k=6, **kw)
+    full = evaluate(model, tok, ann, rerank_k=6, rerank_score="prob", **kw)
+    both = evaluate(model, tok, ann, rerank_k=6, **kw)  # default: VTM log-odds + VTC logit
     batch = _collate([ClipDataset(ann, range(6), 4, 32)[i] for i in range(6)])
     caps = list(ann.pair_caption)
     enc = tok(caps, padding=True, return_tensors="pt")
@@ -147,11 +148,16 @@ def test_dsl_and_rerank_through_the_model(env, capsys, tmp_path):
     for k, v in ref.items():
         assert full[k] == pytest.approx(v), k
     assert not np.allclose(topk_indices(vtm, 6), topk_indices(sims, 6))  # VTM did reorder
+    scale = float(model.logit_scale.exp().clamp(max=100))
+    ref = retrieval_metrics(np.log(vtm / (1 - vtm)) + scale * sims, np.arange(6))
+    for k, v in ref.items():
+        assert both[k] == pytest.approx(v), k
+    assert both["rerank_score"] == "sum"
     # the CLI flags and the output record
     m, _, _ = cli(capsys, "--checkpoint", env["final"], "--ann", env["json"], "--video-root",
                   env["test_root"], *FRAMES, "--rerank-k", "6", "--dsl")
-    assert m["rerank_k"] == 6 and m["dsl"] is True and m["rerank_score"] == "prob"
-    assert m["t2v_r1"] == pytest.approx(full["t2v_r1"])  # top 6 of 6: DSL no longer matters
+    assert m["rerank_k"] == 6 and m["dsl"] is True and m["rerank_score"] == "sum"
+    assert m["t2v_r1"] == pytest.approx(both["t2v_r1"])  # top 6 of 6: DSL no longer matters
 
 
 def test_test_time_drop_views_are_seeded(env, capsys, tmp_path):

@@ -40,7 +40,7 @@ def run(tmp_path_factory):
     train = read_annotations(corpus.train_csv, corpus.train_root)
     test = read_annotations(corpus.test_json, corpus.test_root)
     tok = build_tokenizer(list(train.pair_caption) + list(test.pair_caption), root / "tok",
-                          vocab_size=150)
+                          vocab_size=400)
     clip = tiny_clip(tok, dtype=torch.float32, max_positions=32)
     clip.save_pretrained(root / "clip")
     tok.save_pretrained(root / "clip")

@@ -63,10 +63,13 @@ def test_eval_keeps_all(clip):
     assert out.keep.keep_idx.tolist() == list(range(16)) + list(range(48))
 
 
-def test_patch_embed_implementations_agree(clip):
-    enc = VideoEncoder.from_clip(clip, max_frames=3)
+@pytest.mark.parametrize("motion", [False, True])
+def test_patch_embed_implementations_agree(clip, motion):
+    enc = VideoEncoder.from_clip(clip, max_frames=3, motion=motion)
     with torch.no_grad():
         enc.embeddings.temporal_embedding.normal_()
+        if motion:
+            enc.embeddings.motion_weight.normal_()
     px, nf = clips([2, 3, 1]), np.array([2, 3, 1])
     keep = enc.sample(nf, 32, 3, "0.2:0.8", np.random.default_rng(0))
     vs = Varlen.from_lengths(keep.counts + 1)
@@ -113,11 +116,14 @@ def test_single_frame_equals_clip_vision(clip):
     torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-12)
 
 
-def test_reverse_equals_reversed_frames(clip):
-    enc = VideoEncoder.from_clip(clip, max_frames=3, attn="torch-varlen")
+@pytest.mark.parametrize("motion", [False, True])
+def test_reverse_equals_reversed_frames(clip, motion):
+    enc = VideoEncoder.from_clip(clip, max_frames=3, attn="torch-varlen", motion=motion)
     torch.manual_seed(0)
     with torch.no_grad():
         enc.embeddings.temporal_embedding.normal_()
+        if motion:
+            enc.embeddings.motion_weight.normal_()
     nf = np.array([3, 2])
     px = clips(nf.tolist())
     keep = enc.sample(nf, 32, 3, 0.5, np.random.default_rng(0))
@@ -148,3 +154,35 @@ def test_checkpointing_same_grads(clip):
         grads.append(_grads(enc))
     for n in grads[0]:
         torch.testing.assert_close(grads[0][n], grads[1][n], rtol=1e-12, atol=1e-14)
+
+
+def test_motion_channel_starts_as_the_image_model_and_sees_only_time(clip):
+    """Gate zero: exactly the model without the channel. Any gate: one-frame clips (no time) and
+    clips whose frames are all equal are unchanged, while moving clips change and a clip played
+    backwards negates the term."""
+    plain = VideoEncoder.from_clip(clip, max_frames=3, attn="torch-varlen")
+    moving = VideoEncoder.from_clip(clip, max_frames=3, attn="torch-varlen", motion=True)
+    assert moving.embeddings.motion_weight.abs().sum() == 0
+    px, nf = clips([3, 2, 1]), np.array([3, 2, 1])
+    torch.testing.assert_close(moving(px, nf).embeds, plain(px, nf).embeds, rtol=0, atol=0)
+    with torch.no_grad():
+        moving.embeddings.motion_weight.normal_()
+    assert not torch.allclose(moving(px, nf).embeds[:2], plain(px, nf).embeds[:2])
+    torch.testing.assert_close(moving(px[2:], nf[2:]).embeds, plain(px[2:], nf[2:]).embeds,
+                               rtol=1e-12, atol=1e-12)
+    still = px[:1, :1].expand(1, 3, -1, -1, -1).clone()
+    torch.testing.assert_close(moving(still, [3]).embeds, plain(still, [3]).embeds,
+                               rtol=1e-12, atol=1e-12)
+    # the term itself: tok(gate) - tok(0) is odd under time reversal
+    from hvfm.model.video import frame_difference
+    d = frame_difference(px, torch.from_numpy(nf))
+    assert torch.equal(d[2], torch.zeros_like(d[2]))  # one frame
+    torch.testing.assert_close(d[0, 1], px[0, 2] - px[0, 0])  # central difference
+    torch.testing.assert_close(d[0, 0], px[0, 1] - px[0, 0])  # clamped at the ends
+    torch.testing.assert_close(d[1, 1], px[1, 1] - px[1, 0])  # the clip's own last frame
+    back = px.clone()
+    for i, n in enumerate(nf):
+        back[i, :n] = px[i, :n].flip(0)
+    db = frame_difference(back, torch.from_numpy(nf))
+    for i, n in enumerate(nf):
+        torch.testing.assert_close(db[i, :n], -d[i, :n].flip(0))

@@ -144,29 +144,51 @@ def test_bench_data_and_epoch_projection(corpus, train_json, tmp_path):
     assert "epoch h" in (tmp_path / "project_epoch.md").read_text()
 
 
-@pytest.mark.slow  # two trainer runs (~40-60 s): the only test of the ablation driver
-def test_ablate_drop_runs_the_trainer_per_ratio(corpus, tmp_path):
+@pytest.mark.slow  # three trainer runs (~60-90 s): the only test of the ablation driver
+def test_ablate_drop_runs_the_studies(corpus, tmp_path):
     cfg = json.loads((ROOT / "ds_configs" / "z2.json").read_text())
-    cfg["train_micro_batch_size_per_gpu"] = 4
+    cfg["train_micro_batch_size_per_gpu"] = 2
     (tmp_path / "ds.json").write_text(json.dumps(cfg))
-    run("ablate_drop.py", "--ratios", "0.25", "0.75", "--steps", 2, "--deepspeed", tmp_path / "ds.json",
-        "--out", tmp_path / "out", "--runs-dir", tmp_path / "runs",
+    run("ablate_drop.py", "--studies", "drop", "time", "--ratios", "0.5", "0.75", "--epochs", 1,
+        "--deepspeed", tmp_path / "ds.json", "--out", tmp_path / "out", "--runs-dir", tmp_path / "runs",
         # unknown to ablate_drop: passed through to train.py
         "--train-csv", corpus.train_csv, "--video-root", corpus.train_root,
         "--eval-json", corpus.test_json, "--eval-video-root", corpus.test_root,
-        "--frames", 2, "--size", 32, "--workers", 0, "--precision", "fp32", timeout=600)
+        "--frames", 2, "--size", 32, "--workers", 0, "--precision", "fp32", timeout=900)
     d = json.loads((tmp_path / "out" / "ablate_drop.json").read_text())
-    assert [r["drop"] for r in d["results"]] == ["0.25", "0.75"]
-    for r in d["results"]:
-        assert r["ok"] and r["steps"] == 2
-        for k in ("wall_s", "tokens_per_s", "samples_per_s", "process_s", "median_step_ms",
-                  "tokens_per_s_median_step"):
+    rows = d["results"]
+    assert [(r["study"], r["flags"]["--drop-ratio"]) for r in rows] == \
+        [("drop", "0.5"), ("drop", "0.75"), ("time", "0.5"), ("time", "0.75")]
+    steps_per_epoch = len(corpus_rows(corpus)) // 2
+    for r in rows:
+        assert r["ok"]
+        for k in ("wall_s", "tokens_per_s", "process_s", "median_step_ms"):
             assert positive(r[k]), (k, r[k])
-        assert 0 <= r["after_t2v_r1"] <= 100
-        assert 0 <= r["after_temporal_acc"] <= 1 and 0 <= r["after_temporal_acc_one_frame"] <= 1
-        assert (tmp_path / "runs" / f"r{r['drop']}" / "summary.json").exists()
+        assert 0 <= r["t2v_r1"] <= 100 and 0 <= r["motion"] <= 1 and 0 <= r["order_1f"] <= 1
+    drop, time = rows[:2], rows[2:]
+    assert [r["steps"] for r in drop] == [steps_per_epoch] * 2
+    assert time[0]["log"] == drop[0]["log"]  # the 0.5 run is the budget, not run again
+    # drop 0.75 gets the steps that fit in the 0.5 run's time at its own median step
+    want = int(drop[0]["wall_s"] / (drop[1]["median_step_ms"] / 1e3))
+    assert time[1]["steps"] == want and time[1]["log"] != drop[1]["log"]
     assert (tmp_path / "out" / "ablate_drop.md").exists()
     assert (tmp_path / "out" / "ablate_drop.png").exists() == HAVE_MPL
+
+
+def corpus_rows(corpus):
+    return corpus.train_csv.read_text().strip().splitlines()[1:]
+
+
+def test_ablation_variants_share_the_base_run():
+    from profiling import ablate_drop as ab
+    keys = {ab.key_of(f) for study in ("drop", "mask", "reverse")
+            for _, f in ab.variants(study, ["0", "0.5", "0.75", "0.9"])}
+    assert len(keys) == 4 + 1 + 2  # drop 0.5 = mask 0.5 = reverse 1: one run
+    temporal = {ab.key_of(f) for _, f in ab.variants("temporal", [])}
+    assert len(temporal) == 3 and ab.key_of({}) in temporal
+    assert "--no-motion-channel" in ab.flag_list({"--no-motion-channel": None}) and \
+        "--motion-channel" not in ab.flag_list({"--no-motion-channel": None})
+    assert ab.key_of({"--drop-ratio": "0.5"}) == ab.key_of({"--reverse-negatives": "1"})
 
 
 @pytest.mark.slow  # one 2-rank launch (~30-40 s): the only test of the ZeRO benchmark

@@ -23,7 +23,7 @@ CAPTIONS = ["a red circle moves left", "a blue square moves right", "a green sta
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
-    return build_tokenizer(CAPTIONS * 3, tmp_path_factory.mktemp("tok"), vocab_size=120)
+    return build_tokenizer(CAPTIONS * 3, tmp_path_factory.mktemp("tok"), vocab_size=400)
 
 
 @pytest.fixture(scope="module")

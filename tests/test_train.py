@@ -55,7 +55,8 @@ def test_launcher_trains_saves_resumes_and_exports(corpus, tmp_path, procs, conf
     base = ["--deepspeed", f"ds_configs/{config}.json", *data_flags(corpus), "--output-dir", str(out),
             "--save-every", "2"]
     first = launch([*base, "--max-steps", "2"], procs)
-    assert "[before] t2v R@1/5/10" in first.stdout and "[after]" in first.stdout
+    assert "[image CLIP, frames mean-pooled, 4 frames] t2v R@1/5/10" in first.stdout
+    assert "[harvested, 4 frames]" in first.stdout and "[harvested, 1 frame]" in first.stdout
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 2 and summary["world_size"] == procs
     assert np.isfinite(summary["last_losses"]["loss"]) and summary["samples_per_s"] > 0
@@ -134,12 +135,20 @@ def test_readme_main_command(tmp_path):
     command = "deepspeed hvfm/train.py --deepspeed ds_configs/z2.json"
     assert command in readme
     out = tmp_path / "default"
-    r = launch(["--deepspeed", "ds_configs/z2.json", "--max-steps", "2", "--output-dir", str(out)])
-    assert "temporal acc" in r.stdout
+    r = launch(["--deepspeed", "ds_configs/z2.json", "--max-steps", "2", "--image-steps", "2",
+                "--output-dir", str(out)])
+    # stage 1 (built once: an image CLIP on the built-in stills), then the harvest from it
+    assert "image CLIP: building the built-in one once" in r.stdout or \
+        "image CLIP: the built-in one, cached" in r.stdout
+    assert "temporal acc" in r.stdout and "harvested video model, 8 frames" in r.stdout
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 2
     for when in ("before", "after"):
         assert set(summary["eval"][when]) == {"all_frames", "one_frame"}
+    run = json.loads((out / "run_config.json").read_text())
+    clip = Path(run["args"]["clip"])
+    assert (clip / "hvfm_image_clip.json").is_file() and (clip / "tokenizer.json").is_file()
+    assert not (clip / "hvfm.json").exists()  # a plain HF CLIPModel folder
 
 
 @pytest.mark.slow  # ~50 s (two launches); CI runs it: nothing else covers --epochs / --max-minutes

@@ -8,7 +8,8 @@ WebVid CSV: columns `videoid, contentUrl, duration, page_dir, name`; the video i
 `ROOT/{page_dir}/{videoid}.mp4` or `ROOT/{videoid}.mp4`, whichever exists. The layout is detected
 on the first rows; each sample still tries the other layout when its file is not where expected.
 
-JSON: `[{"video": rel_path, "caption": str | [str, ...]}, ...]`. A caption list means several
+JSON: `[{"video": rel_path, "caption": str | [str, ...]}, ...]` (or `"image"` for a still, read
+as a one-frame clip). A caption list means several
 captions for the video (one training pair each), or with `paragraph=True` one paragraph
 (DiDeMo / ActivityNet style, joined with spaces). Extra keys are kept in `Annotations.extra`.
 """
@@ -192,8 +193,11 @@ def read_json(path, video_root, paragraph=False, clean=None):
     entries = read_json_list(path, '{"video": path, "caption": text or [texts]}')
     videos, captions, extra = [], [], []
     for i, e in enumerate(entries):
+        if isinstance(e, dict) and "video" not in e and "image" in e:  # a still: a one-frame clip
+            e = {"video": e["image"], **{k: v for k, v in e.items() if k != "image"}}
         if not isinstance(e, dict) or "video" not in e or "caption" not in e:
-            raise DataError(f'{path}: entry {i} lacks "video" or "caption"; every entry needs both')
+            raise DataError(f'{path}: entry {i} lacks "video" (or "image") or "caption"; every '
+                            f'entry needs both')
         caps = e["caption"]
         caps = [caps] if isinstance(caps, str) else list(caps)
         if not caps or not all(isinstance(c, str) for c in caps):

@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .decode import DecodeError, DecoderProcess, decode_clip
 from .errors import DataError
-from .text import MAX_LENGTH, MLMMasker, swap_left_right, tokenize
+from .text import MAX_LENGTH, MLMMasker, swap_left_right, swap_top_bottom, tokenize
 from .transforms import VideoTransform
 
 log = logging.getLogger("hvfm.data")
@@ -44,11 +44,12 @@ class VideoTextDataset(Dataset):
     """(video, caption) pairs of an `Annotations`. Items are requested as (index, epoch)."""
 
     def __init__(self, ann, frames=8, size=224, train=True, seed=0, max_retries=10,
-                 decoder="auto", hflip=0.5, swap_lr_on_flip=True, min_frames=1, decode_timeout=None):
+                 decoder="auto", hflip=0.5, swap_lr_on_flip=True, min_frames=1, decode_timeout=None,
+                 crop_scale=(0.5, 1.0)):
         self.ann, self.frames, self.size, self.train = ann, frames, size, train
         self.seed, self.max_retries, self.decoder = seed, max_retries, decoder
         self.min_frames, self.swap_lr_on_flip = min_frames, swap_lr_on_flip
-        self.transform = VideoTransform(size, train, hflip=hflip if train else 0.0)
+        self.transform = VideoTransform(size, train, hflip=hflip if train else 0.0, scale=crop_scale)
         self.watchdog = DecoderProcess(decode_timeout) if decode_timeout else None
 
     def __len__(self):
@@ -130,13 +131,31 @@ class ResumableDistributedSampler(Sampler):
 
 
 class Collator:
-    """Stacks samples (zero-pads frames to the longest clip), tokenises captions, masks for MLM."""
+    """Stacks samples (zero-pads frames to the longest clip), tokenises captions, masks for MLM.
 
-    def __init__(self, tokenizer, mask_ratio=0.5, max_length=MAX_LENGTH, seed=0):
+    `mirror` (stage-1 stills), a fraction in [0, 1]: that share of the samples (each a draw
+    seeded by the sample) also enters the batch mirrored, left-right or top-bottom, with the
+    place words of its caption swapped. The two captions then differ only in where things are,
+    so a contrastive loss cannot be met by colour and shape alone: the image model must encode
+    position, which motion is made of."""
+
+    def __init__(self, tokenizer, mask_ratio=0.5, max_length=MAX_LENGTH, seed=0, mirror=0.0):
         self.tokenizer, self.max_length, self.seed = tokenizer, max_length, seed
         self.masker = MLMMasker(tokenizer, mask_ratio)
+        self.mirror = float(mirror)
+
+    def _mirrored(self, s):
+        draw = _rng(self.seed, s["epoch"], s["index"], 0x5EE).random(2)
+        if draw[0] >= self.mirror:
+            return None
+        vertical = draw[1] < 0.5
+        pixels = s["pixels"].flip(-2 if vertical else -1)
+        caption = (swap_top_bottom if vertical else swap_left_right)(s["caption"])
+        return {**s, "pixels": pixels, "caption": caption, "failures": []}
 
     def __call__(self, samples):
+        if self.mirror:
+            samples = list(samples) + [m for m in map(self._mirrored, samples) if m is not None]
         t_max = max(s["pixels"].shape[0] for s in samples)
         c, h, w = samples[0]["pixels"].shape[1:]
         pixels = torch.zeros(len(samples), t_max, c, h, w)
@@ -231,20 +250,22 @@ class VideoTextLoader:
 def build_loader(ann, tokenizer, *, batch_size, frames=8, size=224, train=True, seed=0,
                  num_workers=2, mask_ratio=0.5, rank=0, world_size=1, timeout=120.0,
                  decoder="auto", max_retries=10, drop_last=None, pin_memory=False, max_length=MAX_LENGTH,
-                 decode_timeout=None):
+                 decode_timeout=None, mirror=0.0, crop_scale=(0.5, 1.0)):
     """A `VideoTextLoader` over `ann` for one rank. Training shuffles and drops the last partial
     batch; evaluation keeps order and everything. decode_timeout (seconds, None: off): abandon a
     decode that takes longer (see `DecoderProcess`); the loader's last-resort `timeout` is then
-    raised to at least 4 x decode_timeout so a few hung files in one batch never trip it."""
+    raised to at least 4 x decode_timeout so a few hung files in one batch never trip it.
+    mirror: that fraction of the samples also enters its batch mirrored (see `Collator`).
+    crop_scale: area range of the training crop (stills whose captions name places: near 1)."""
     dataset = VideoTextDataset(ann, frames, size, train, seed, max_retries, decoder,
-                               decode_timeout=decode_timeout)
+                               decode_timeout=decode_timeout, crop_scale=crop_scale)
     if decode_timeout:
         timeout = max(timeout, 4 * decode_timeout)
     sampler = ResumableDistributedSampler(len(dataset), world_size, rank, shuffle=train, seed=seed,
                                           drop_last=False)
     loader = DataLoader(
         dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-        collate_fn=Collator(tokenizer, mask_ratio, max_length, seed),
+        collate_fn=Collator(tokenizer, mask_ratio, max_length, seed, mirror),
         drop_last=train if drop_last is None else drop_last, pin_memory=pin_memory,
         worker_init_fn=_worker_init if num_workers else None,
         timeout=timeout if num_workers else 0, persistent_workers=num_workers > 0,

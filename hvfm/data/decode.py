@@ -50,17 +50,25 @@ class DecodeError(Exception):
 
 
 def sample_indices(num_available, num_frames, train, rng=None):
-    """Indices of the frames to take: one per equal segment (random in training, middle in eval)."""
+    """Indices of the frames to take: one per equal segment (random in training, middle in eval).
+
+    The evaluation frames are the segment centres rounded half away from the clip's middle, so
+    the clip played backwards gives exactly the mirrored frames: a model that cannot see time
+    (an image model averaging frames) cannot tell a clip from its reverse either. (Integer
+    segment edges would sample the start of a 17-frame clip more densely than its end, and an
+    image model then scored 0.8 on order of events.)"""
     if num_available <= 0:
         return []
     if num_available <= num_frames:
         return list(range(num_available))
+    if not train:
+        centres = (np.arange(num_frames) + 0.5) * num_available / num_frames - 0.5
+        last = num_available - 1
+        low = centres <= last / 2
+        return np.where(low, np.floor(centres + 0.5), last - np.floor(last - centres + 0.5)).astype(int).tolist()
     edges = (np.arange(num_frames + 1) * num_available) // num_frames
     starts, lengths = edges[:-1], np.diff(edges)
-    if train:
-        offsets = rng.integers(0, lengths)  # vectorised: one draw per segment
-    else:
-        offsets = (lengths - 1) // 2
+    offsets = rng.integers(0, lengths)  # vectorised: one draw per segment
     return (starts + offsets).tolist()
 
 
@@ -121,6 +129,34 @@ def _pyav(path, num_frames, train, rng, short_side):
             return np.stack([frames[i] for i in idx]) if idx else np.zeros((0, h, w, 3), np.uint8)
 
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+def _image(path, short_side):
+    """A still image as one frame (1, H, W, 3) uint8 (Pillow, else PyAV); DecodeError if bad."""
+    try:
+        try:
+            from PIL import Image
+        except ImportError:
+            Image = None
+        if Image is not None:
+            with Image.open(path) as im:
+                frame = np.array(im.convert("RGB"))
+        elif av is not None:
+            with av.open(str(path)) as c:
+                frame = next(c.decode(video=0)).to_ndarray(format="rgb24")
+        else:
+            raise DecodeError(path, "neither Pillow nor PyAV is installed to read images")
+    except DecodeError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any reader failure is a bad sample
+        raise DecodeError(path, f"image: {type(e).__name__}: {_short(e)}") from None
+    frames = frame[None]
+    if short_side and min(frames.shape[1:3]) != short_side:
+        frames = _resize_frames(frames, short_side)
+    return frames
+
+
 def _resize_frames(frames, short_side):
     import torch
     import torch.nn.functional as F
@@ -152,6 +188,8 @@ def decode_clip(path, num_frames, train=False, rng=None, short_side=None, decode
         raise DecodeError(path, f"cannot stat ({e.strerror})") from None
     if size == 0:
         raise DecodeError(path, "empty file")
+    if path.suffix.lower() in IMAGE_SUFFIXES:  # a still: one frame (stage-1 image pretraining)
+        return _image(path, short_side), "image"
     order = {"auto": ("decord", "pyav"), "decord": ("decord",), "pyav": ("pyav",)}[decoder]
     reasons = []
     for name in order:

@@ -154,6 +154,15 @@ def _shape_mask(shape, dx, dy, r):
         thin = 0.32 * r
         return (((np.abs(dx) <= thin) & (np.abs(dy) <= r))
                 | ((np.abs(dy) <= thin) & (np.abs(dx) <= r)))
+    if shape == "diamond":  # a rhombus, taller than wide
+        return np.abs(dx) / (0.75 * r) + np.abs(dy) / r <= 1.0
+    if shape == "star":  # five points, one up; inner radius 0.45 r
+        theta = np.arctan2(dx, -dy)  # 0 straight up
+        a = np.abs(np.mod(theta + np.pi / 5, 2 * np.pi / 5) - np.pi / 5)  # 0 at a point
+        p1 = 0.45 * r * np.array([np.cos(np.pi / 5), np.sin(np.pi / 5)])
+        d = p1 - np.array([r, 0.0])
+        edge = (r * d[1]) / (np.cos(a) * d[1] - np.sin(a) * d[0])  # ray meets the edge
+        return dx * dx + dy * dy <= edge * edge
     raise ValueError(f"unknown shape {shape!r}")
 
 
@@ -368,7 +377,8 @@ def ensure_corpus(cache_dir=None, n_train=4000, n_test=200, frames=17, size=96, 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m hvfm.data.synthetic", description=__doc__.split(
-        "\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        "\n")[0] + " With --images: the image-text corpus of stills.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("out", help="output folder")
     ap.add_argument("--train", type=int, default=4000, help="number of train clips")
     ap.add_argument("--test", type=int, default=200, help="test clips (rounded to whole groups)")
@@ -376,8 +386,19 @@ def main(argv=None):
     ap.add_argument("--size", type=int, default=96, help="frame side in pixels (even)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workers", type=int, default=1, help="processes rendering clips")
+    ap.add_argument("--images", type=int, default=None, metavar="N",
+                    help="write the image-text corpus instead (stage 1): N training stills, "
+                         "OUT/images.json and OUT/images_test.json (see synthetic_images.py)")
+    ap.add_argument("--images-test", type=int, default=500, help="held-out stills with --images")
     a = ap.parse_args(argv)
     t0 = time.time()
+    if a.images is not None:
+        from .synthetic_images import generate_images
+        out = generate_images(a.out, a.images, a.images_test, a.size, a.seed, a.workers, progress=True)
+        print(f"wrote {a.images} train + {a.images_test} test stills to {out} in "
+              f"{time.time() - t0:.1f}s; train with --train-json {out / 'images.json'} "
+              f"--video-root {out}")
+        return
     p = generate(a.out, a.train, a.test, a.frames, a.size, a.seed, a.workers, progress=True)
     meta = json.loads((p.root / "meta.json").read_text())
     print(f"wrote {meta['counts']['train']} train + {meta['counts']['test']} test clips to "

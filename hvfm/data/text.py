@@ -1,8 +1,8 @@
 """Captions and tokens: cleaning, the tokenizer folder, batch tokenisation and MLM masking.
 
 There is one loading path for tokenizers: an HF tokenizer folder (`load_tokenizer`). A real CLIP
-folder's tokenizer loads as it is; for the built-in default, `build_tokenizer` trains a small BPE
-tokenizer on the training captions with the `tokenizers` library and saves it as such a folder.
+folder's tokenizer loads as it is; for the built-in default, `build_tokenizer` trains a small byte-level
+BPE tokenizer on the training captions with the `tokenizers` library and saves it as such a folder.
 CLIP has no mask token: `load_tokenizer` adds `<|mask|>` when missing (the model then grows its
 token embedding by one row) and a pad token when missing.
 """
@@ -43,19 +43,34 @@ def swap_left_right(text):
                            text)
 
 
+_VERTICAL = {"top": "bottom", "bottom": "top", "up": "down", "down": "up", "above": "below",
+             "below": "above", "upper": "lower", "lower": "upper", "upwards": "downwards",
+             "downwards": "upwards"}
+_TOP_BOTTOM = re.compile(r"\b(" + "|".join(_VERTICAL) + r")\b")
+
+
+def swap_top_bottom(text):
+    """The caption of the vertically mirrored image: top <-> bottom, up <-> down, above <->
+    below, upper <-> lower (whole words)."""
+    return _TOP_BOTTOM.sub(lambda m: _VERTICAL[m.group(1)], text)
+
+
 def build_tokenizer(captions, folder, vocab_size=1000):
-    """Train a CLIP-style BPE tokenizer (lower-case, end-of-word suffix) on `captions` and save it
-    as an HF tokenizer folder. Returns the loaded tokenizer."""
+    """Train a byte-level BPE tokenizer (lower-case; CLIP's and GPT-2's byte alphabet as the base,
+    so any text encodes without an unknown token) on `captions` and save it as an HF tokenizer
+    folder. Returns the loaded tokenizer. The vocabulary holds at least the 256 byte symbols and
+    the 5 special tokens, whatever `vocab_size` asks for."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
     from tokenizers import trainers
     from transformers import PreTrainedTokenizerFast
 
-    tok = Tokenizer(models.BPE(unk_token=UNK, end_of_word_suffix="</w>"))
+    tok = Tokenizer(models.BPE(unk_token=UNK))
     tok.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Lowercase()])
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.decoder = decoders.BPEDecoder(suffix="</w>")
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+    tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[BOS, EOS, PAD, MASK, UNK],
-                                  end_of_word_suffix="</w>", min_frequency=1, show_progress=False)
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  min_frequency=1, show_progress=False)
     tok.train_from_iterator(captions, trainer)
     tok.post_processor = processors.TemplateProcessing(
         single=f"{BOS} $A {EOS}", special_tokens=[(BOS, tok.token_to_id(BOS)), (EOS, tok.token_to_id(EOS))])
@@ -122,8 +137,14 @@ class MLMMasker:
 
 def ensure_tokenizer(folder, ann, vocab_size=1000):
     """Load the tokenizer folder, or train one on the captions of `ann` (an Annotations) and save
-    it there first. Written to a temporary sibling and renamed, so a crash never leaves half a
-    folder and concurrent ranks agree on one result."""
+    it there first (see `ensure_tokenizer_from`)."""
+    return ensure_tokenizer_from(folder, lambda: list(ann.pair_caption), vocab_size)
+
+
+def ensure_tokenizer_from(folder, captions, vocab_size=1000, marker=None):
+    """Load the tokenizer folder, or train one on `captions()` and save it there first. Written to
+    a temporary sibling and renamed, so a crash never leaves half a folder and concurrent ranks
+    agree on one result. `marker` {"name", "text"}: a file written into the folder with it."""
     import os
     import shutil
     import uuid
@@ -131,7 +152,9 @@ def ensure_tokenizer(folder, ann, vocab_size=1000):
     folder = Path(folder)
     if not (folder / "tokenizer.json").exists():
         tmp = folder.with_name(f".{folder.name}.tmp-{uuid.uuid4().hex[:8]}")
-        build_tokenizer(list(ann.pair_caption), tmp, vocab_size)
+        build_tokenizer(captions(), tmp, vocab_size)
+        if marker:
+            (tmp / marker["name"]).write_text(marker["text"])
         try:
             os.rename(tmp, folder)
         except OSError:  # another process won the race: use its folder

@@ -1,5 +1,5 @@
 """Fusion encoder: text tokens self-attend (bidirectional) and cross-attend to the video tokens of
-their own pair; MLM head (tied to the text token embedding) and VTM head on the first token.
+their own pair; MLM head (tied to the text token embedding) and VTM head on the last (EOT) token, or the first.
 
 Sequence i of the text packing is paired with sequence i of the video packing, so query and key
 lengths differ per pair (`cu_seqlens_q != cu_seqlens_k`).
@@ -41,9 +41,11 @@ class FusionEncoder(nn.Module):
     """L_f pre-LN blocks of self-attention, cross-attention to video, MLP; then a final LN."""
 
     def __init__(self, width, layers, heads, mlp_width, text_width, video_width, vocab,
-                 act="quick_gelu", eps=1e-5, attn="sdpa", checkpointing=False):
+                 act="quick_gelu", eps=1e-5, attn="sdpa", checkpointing=False, vtm_token="last"):
         super().__init__()
-        self.attn, self.checkpointing = attn, checkpointing
+        if vtm_token not in ("first", "last"):
+            raise ValueError(f"vtm_token {vtm_token!r}: choose 'first' or 'last'")
+        self.attn, self.checkpointing, self.vtm_token = attn, checkpointing, vtm_token
         self.text_in = nn.Linear(text_width, width) if text_width != width else nn.Identity()
         self.video_in = nn.Linear(video_width, width)
         self.layers = nn.ModuleList(Block(width, heads, mlp_width, act, eps, cross=True)
@@ -69,10 +71,18 @@ class FusionEncoder(nn.Module):
         src = list(text.layers)[-layers:]
         for blk, s in zip(fus.layers[len(fus.layers) - len(src):], src):
             theirs = s.state_dict()
+            # cross-attention starts as a copy of the block's self-attention (and its norm), a
+            # trained map at the width's scale: fresh layers at std 0.02 chained four deep
+            # (video_in, k/v, out) made the video's share of the fusion ~1% of the text's and
+            # its gradient as small, so VTM and MLM learned from the text alone
+            theirs.update({k.replace("self_attn.", "cross_attn.").replace("layer_norm1.", "cross_norm."): v
+                           for k, v in s.state_dict().items() if k.startswith(("self_attn.", "layer_norm1."))})
             with torch.no_grad():
                 for name, p in blk.state_dict().items():
                     if name in theirs and theirs[name].shape == p.shape:
                         p.copy_(theirs[name])
+        with torch.no_grad():  # variance-preserving map of the video tokens into the fusion width
+            nn.init.normal_(fus.video_in.weight, std=video_width ** -0.5)
         if text.final_layer_norm.weight.shape == fus.final_layer_norm.weight.shape:
             fus.final_layer_norm.load_state_dict(text.final_layer_norm.state_dict())
         fus.mlm_head.decoder.weight = text.token_embedding.weight  # tied (shared Parameter)
@@ -86,6 +96,9 @@ class FusionEncoder(nn.Module):
         return self.final_layer_norm(x)
 
     def vtm_logits(self, h, ts: Varlen):
-        """(B, 2) match logits from the first token of each text sequence."""
-        return self.vtm_head(h[ts.cu_seqlens[:-1].long()])
+        """(B, 2) match logits from one token of each text sequence: its last (the caption's EOT,
+        which CLIP's causal text tower made the summary of the caption) or its first (BOS, which
+        that tower leaves the same for every caption; it learns the caption only in the fusion)."""
+        where = ts.cu_seqlens[1:] - 1 if self.vtm_token == "last" else ts.cu_seqlens[:-1]
+        return self.vtm_head(h[where.long()])
 

@@ -74,7 +74,8 @@ def vtc_loss(text_emb, video_emb, logit_scale, keys=None, reverse_video_emb=None
     """Symmetric InfoNCE over the global batch. Returns (loss, local text-to-video logits (B, B)).
 
     `keys` (B,) caption keys on the device mask identical captions out of the denominators;
-    `reverse_video_emb` (B, P) adds each clip played backwards as one extra text-to-video column.
+    `reverse_video_emb` (R, P), R <= B: clip i < R played backwards, one extra text-to-video
+    column for text i (texts R.. have none there).
     """
     t, v = F.normalize(_wide(text_emb), dim=-1), F.normalize(_wide(video_emb), dim=-1)
     rank, _ = _world()
@@ -90,7 +91,9 @@ def vtc_loss(text_emb, video_emb, logit_scale, keys=None, reverse_video_emb=None
     local = t2v[:, rank * B:(rank + 1) * B].detach()
     if reverse_video_emb is not None:
         r = F.normalize(_wide(reverse_video_emb), dim=-1)
-        t2v = torch.cat([t2v, scale * (t * r).sum(-1, keepdim=True)], dim=1)
+        col = torch.full((B, 1), -math.inf, device=t.device, dtype=t2v.dtype)
+        col[: len(r), 0] = scale * (t[: len(r)] * r).sum(-1)
+        t2v = torch.cat([t2v, col], dim=1)
     loss = (F.cross_entropy(t2v, labels) + F.cross_entropy(v2t, labels)) / 2
     return loss, local
 
@@ -127,18 +130,20 @@ def mlm_loss(logits, labels):
     return F.cross_entropy(_wide(logits), labels)
 
 
-def host_pairs(neg_v, neg_t, ok_t, ok_v, batch: int, reverse: bool):
+def host_pairs(neg_v, neg_t, ok_t, ok_v, batch: int, reverse: int):
     """Host (text index, video index, label) lists for the VTM pass; costs ONE device->host sync.
 
-    Video index `batch + i` means clip i played backwards. Rows without a negative are dropped.
+    Video index `batch + i` means clip i played backwards (for the first `reverse` clips; True
+    means all). Rows without a negative are dropped.
     """
     h = torch.stack([neg_v, neg_t, ok_t.long(), ok_v.long()]).cpu().numpy()
     r = np.arange(batch)
     texts = [r, r[h[2] == 1], h[1][h[3] == 1]]
     videos = [r, h[0][h[2] == 1], r[h[3] == 1]]
-    if reverse:
-        texts.append(r)
-        videos.append(r + batch)
+    n_rev = batch if reverse is True else int(reverse)
+    if n_rev:
+        texts.append(r[:n_rev])
+        videos.append(r[:n_rev] + batch)
     labels = np.zeros(sum(len(x) for x in texts), np.int64)
     labels[:batch] = 1
     return np.concatenate(texts), np.concatenate(videos), labels

@@ -16,9 +16,17 @@ from .fusion import FusionEncoder
 from .losses import (caption_keys, host_pairs, mlm_loss, sample_hard_negatives, vtc_loss,
                      vtm_loss)
 from .text import TextEncoder, host_lengths, packed_index
-from .video import VideoEncoder
+from .video import Keep, VideoEncoder
 
 DEFAULT_WEIGHTS = {"vtc": 1.0, "vtm": 1.0, "mlm": 1.0}
+
+
+def reverse_count(fraction, batch: int) -> int:
+    """Clips of a batch of `batch` encoded backwards for a reverse fraction (True = 1, False = 0)."""
+    f = float(fraction or 0.0)
+    if not 0.0 <= f <= 1.0:
+        raise ValueError(f"reverse-negative fraction {f} must be in [0, 1]")
+    return int(np.ceil(f * batch - 1e-9))
 
 
 class VideoLanguageModel(nn.Module):
@@ -32,20 +40,22 @@ class VideoLanguageModel(nn.Module):
     @classmethod
     def from_clip(cls, clip_model, tokenizer, fusion_layers: int = 2, fusion_width=None,
                   fusion_heads=None, attn="sdpa", max_frames: int = 16, checkpointing=False,
-                  patch_embed=None) -> "VideoLanguageModel":
+                  patch_embed=None, motion=False, vtm_token="last") -> "VideoLanguageModel":
         """Inflate a transformers CLIPModel. `patch_embed` None = the attention backend's default
-        (`triton` when Triton runs, `conv` for sdpa, else `gather`; see video.default_patch_embed)."""
+        (`triton` when Triton runs, `conv` for sdpa, else `gather`; see video.default_patch_embed).
+        `motion`: the zero-initialised motion channel (see video.VideoEmbeddings); `vtm_token`:
+        the fusion token the VTM head reads, "last" (the caption's EOT) or "first" (BOS)."""
         vocab = clip_model.text_model.embeddings.token_embedding.num_embeddings
         if tokenizer.mask_token_id is None or len(tokenizer) > vocab:
             raise ValueError(f"tokenizer needs a mask token and at most {vocab} tokens "
                              f"(has {len(tokenizer)}); call hvfm.model.add_mask_token first")
         get_backend(attn)  # validate the name early (warns once on fallback)
         video = VideoEncoder.from_clip(clip_model, max_frames, attn=attn, checkpointing=checkpointing,
-                                       patch_embed=patch_embed)
+                                       patch_embed=patch_embed, motion=motion)
         text = TextEncoder.from_clip(clip_model, attn=attn, checkpointing=checkpointing)
         fusion = FusionEncoder.from_text(text, video.post_layernorm.weight.shape[0], fusion_layers,
                                          fusion_width, fusion_heads, attn=attn,
-                                         checkpointing=checkpointing)
+                                         checkpointing=checkpointing, vtm_token=vtm_token)
         return cls(video, text, fusion, clip_model.logit_scale.item())
 
     @property
@@ -79,10 +89,13 @@ class VideoLanguageModel(nn.Module):
     # -------------------------------------------------------------------------- training
 
     def forward(self, batch: dict, drop_ratio=0.75, rng=None, reverse_negatives=False,
-                loss_weights=None, generator=None) -> dict:
+                loss_weights=None, generator=None, vtm_hardness=1.0) -> dict:
         """Losses on one batch; `rng` (numpy) draws keep counts, `generator` the device choices.
 
         `loss_weights`: dict with keys vtc/vtm/mlm or a (vtc, vtm, mlm) triple; default 1:1:1.
+        `reverse_negatives`: the fraction of the batch (True: all) whose clips are also encoded
+        played backwards, each an extra hard negative of its own caption in VTC and VTM.
+        `vtm_hardness`: VTM negatives drawn with p ~ softmax(hardness * VTC logits).
         Returns loss, vtc, vtm, mlm (detached) and token counts video_tokens (kept + CLS of the
         main pass) and text_tokens.
         """
@@ -99,13 +112,18 @@ class VideoLanguageModel(nn.Module):
         v = self.video(pixels, batch["num_frames"], drop_ratio, rng, generator=generator)
         t = self.text(ids, lengths)
         rev = None
-        if reverse_negatives:
-            rev = self.video(pixels, batch["num_frames"], keep=v.keep, reverse=True)
+        n_rev = reverse_count(reverse_negatives, len(lengths))
+        if n_rev:  # the first n_rev clips (a shuffled batch: a random subset), same patches
+            k = v.keep
+            total = int(k.counts[:n_rev].sum())
+            keep = Keep(k.counts[:n_rev], k.keep_idx[:total], k.rows[:total])
+            rev = self.video(pixels[:n_rev], np.asarray(batch["num_frames"])[:n_rev], keep=keep,
+                             reverse=True)
         vtc, sim = vtc_loss(t.embeds, v.embeds, self.logit_scale, keys,
                             rev.embeds if rev is not None else None)
 
         zero = vtc.new_zeros(())
-        vtm = self._vtm(t, v, rev, sim, keys, generator) if w["vtm"] else zero
+        vtm = self._vtm(t, v, rev, sim * vtm_hardness, keys, generator) if w["vtm"] else zero
         mlm = self._mlm(batch, mlm_ids, lengths, v) if w["mlm"] else zero
         loss = w["vtc"] * vtc + w["vtm"] * vtm + w["mlm"] * mlm
         return dict(loss=loss, vtc=vtc.detach(), vtm=vtm.detach(), mlm=mlm.detach(),
@@ -115,7 +133,8 @@ class VideoLanguageModel(nn.Module):
         """Positives, a hard-negative video per text, a hard-negative text per video (+ reversed)."""
         B = sim.shape[0]
         same = keys[:, None] == keys[None, :]
-        ti, vi, labels = host_pairs(*sample_hard_negatives(sim, same, generator), B, rev is not None)
+        ti, vi, labels = host_pairs(*sample_hard_negatives(sim, same, generator), B,
+                                    0 if rev is None else len(rev.embeds))
         pool, pool_s = (v.tokens, v.varlen) if rev is None else \
             concat_sequences(v.tokens, v.varlen, rev.tokens, rev.varlen)
         tx, ts = gather_sequences(t.tokens, t.varlen, ti)

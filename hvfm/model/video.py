@@ -82,19 +82,58 @@ def default_patch_embed(attn: str) -> str:
     return "conv" if attn == "sdpa" else "gather"
 
 
+def frame_difference(pixels, frames):
+    """(B, T, C, H, W) central time difference of each clip: frame t+1 minus frame t-1, the
+    neighbours clamped to the clip's own frames [0, frames_i - 1] (one frame: zero)."""
+    B, T = pixels.shape[:2]
+    t = torch.arange(T, device=pixels.device)
+    nxt = torch.minimum(t[None, :] + 1, (frames[:, None] - 1).clamp(min=0))
+    prv = torch.minimum((t - 1).clamp(min=0)[None, :].expand(B, T), nxt)
+    b = torch.arange(B, device=pixels.device)[:, None]
+    return pixels[b, nxt] - pixels[b, prv]
+
+
+def patch_flow(before, now, after, ridge=1e-2):
+    """Lucas-Kanade flow of each patch: (n, 2) velocity (x, y) in pixels per frame step that
+    best explains the central time difference (after - before) / 2 by the spatial gradients of
+    `now` (n, C, p, p each; channels averaged). `ridge` (per pixel) keeps flat patches at zero.
+    Odd in time: swapping `before` and `after` negates it; zero when they are equal."""
+    g = now.float().mean(1)
+    it = (after.float() - before.float()).mean(1) / 2
+    gy, gx = torch.gradient(g, dim=(1, 2))
+    a, b, c = (gx * gx).sum((1, 2)), (gx * gy).sum((1, 2)), (gy * gy).sum((1, 2))
+    u, v = -(gx * it).sum((1, 2)), -(gy * it).sum((1, 2))
+    a, c = a + ridge * g[0].numel(), c + ridge * g[0].numel()
+    det = a * c - b * b
+    return torch.stack([(c * u - b * v) / det, (a * v - b * u) / det], dim=1)
+
+
 class VideoEmbeddings(nn.Module):
     """Patch embedding of kept patches + spatial (CLIP) and temporal position embeddings, packed.
+
+    With `motion`, each kept patch also gets `motion_weight` (W x 2, zero at initialisation)
+    times its Lucas-Kanade flow (`patch_flow` of the same patch in frames t-1, t, t+1): the
+    direction of local motion as two numbers, as two-stream video networks feed optical flow.
+    Zero at initialisation (the image model exactly) and zero for a one-frame clip at any time,
+    so one-frame features stay an image model's; a clip played backwards negates it. Without
+    it the transformer has to compute motion from position and time embeddings, and measured
+    here neither contrastive post-pretraining nor MLM taught it to (a free zero-initialised
+    3-frame tubelet kernel learned direction under supervision but random-walked under the
+    contrastive loss' noisy gradients; a per-channel gate on CLIP's conv of the frame difference
+    learned it slowly: CLIP's filters do not see which side a difference is on).
 
     All parameters are used directly in this module's forward (ZeRO-3 gathers them here).
     """
 
-    def __init__(self, width: int, patch: int, grid: int, max_frames: int, channels: int = 3):
+    def __init__(self, width: int, patch: int, grid: int, max_frames: int, channels: int = 3,
+                 motion: bool = False):
         super().__init__()
         self.patch, self.grid = patch, grid
         self.patch_weight = nn.Parameter(torch.randn(width, channels, patch, patch) * 0.02)
         self.class_embedding = nn.Parameter(torch.randn(width) * 0.02)
         self.position_embedding = nn.Parameter(torch.randn(1 + grid * grid, width) * 0.02)
         self.temporal_embedding = nn.Parameter(torch.zeros(max_frames, width))
+        self.motion_weight = nn.Parameter(torch.zeros(width, 2)) if motion else None
 
     def spatial_pos(self, hp: int, wp: int) -> torch.Tensor:
         """(hp*wp, W) CLIP patch position embedding, bicubic-interpolated if the grid differs."""
@@ -116,12 +155,14 @@ class VideoEmbeddings(nn.Module):
         rows, idx = keep.rows, keep.keep_idx
         t, hw = idx // HW, idx % HW
         if impl == "conv":  # unfused baseline: embed every patch of every frame, then gather
-            f = F.conv2d(pixels.flatten(0, 1), self.patch_weight, stride=p)  # (B*T, W, hp, wp)
-            tok = f.flatten(2).transpose(1, 2).reshape(B, T * HW, W)[rows, idx]
+            def embed(x, weight):
+                f = F.conv2d(x.flatten(0, 1), weight, stride=p)  # (B*T, W, hp, wp)
+                return f.flatten(2).transpose(1, 2).reshape(B, T * HW, W)[rows, idx]
+            tok = embed(pixels, self.patch_weight)
         elif impl == "gather":  # packed: gather kept pixel patches, one matmul
             view = pixels.unflatten(3, (hp, p)).unflatten(5, (wp, p))  # (B, T, C, hp, p, wp, p)
-            patches = view[rows, t, :, hw // wp, :, hw % wp, :]  # (n, C, p, p)
-            tok = patches.flatten(1) @ self.patch_weight.flatten(1).t()
+            hh, ww = hw // wp, hw % wp
+            tok = view[rows, t, :, hh, :, ww, :].flatten(1) @ self.patch_weight.flatten(1).t()
         elif impl == "triton":  # fused kernel: gather + matmul + position embeddings, one launch
             from kernels import patch_embed_gather
             # cu_seqlens of the kept patches alone (vs also counts one CLS per sample)
@@ -131,6 +172,14 @@ class VideoEmbeddings(nn.Module):
                                      None if reverse else self.temporal_embedding[:T])
         else:
             raise ValueError(f"unknown patch embedding '{impl}'; valid: conv, gather, triton")
+        if self.motion_weight is not None:  # local flow; played backwards it changes sign
+            view = pixels.unflatten(3, (hp, p)).unflatten(5, (wp, p))  # (B, T, C, hp, p, wp, p)
+            hh, ww = hw // wp, hw % wp
+            nxt = torch.minimum(t + 1, frames[rows] - 1)
+            prv = torch.minimum((t - 1).clamp(min=0), nxt)
+            flow = patch_flow(*(view[rows, f, :, hh, :, ww, :] for f in (prv, t, nxt)))
+            mot = flow.to(tok.dtype) @ self.motion_weight.t()
+            tok = tok - mot if reverse else tok + mot
         if reverse:  # play backwards: frame t is shown at time T_i - 1 - t
             t = frames[rows] - 1 - t
             idx = t * HW + hw
@@ -161,12 +210,12 @@ class VideoEncoder(nn.Module):
 
     def __init__(self, width, layers, heads, mlp_width, patch, grid, max_frames, proj_dim,
                  act="quick_gelu", eps=1e-5, attn="sdpa", patch_embed=None,
-                 checkpointing=False):
+                 checkpointing=False, motion=False):
         super().__init__()
         self.attn, self.checkpointing = attn, checkpointing
         self.patch_embed = patch_embed or default_patch_embed(attn)
         self.max_frames = max_frames
-        self.embeddings = VideoEmbeddings(width, patch, grid, max_frames)
+        self.embeddings = VideoEmbeddings(width, patch, grid, max_frames, motion=motion)
         self.pre_layrnorm = nn.LayerNorm(width, eps=eps)
         self.layers = nn.ModuleList(Block(width, heads, mlp_width, act, eps) for _ in range(layers))
         self.post_layernorm = nn.LayerNorm(width, eps=eps)
@@ -179,7 +228,8 @@ class VideoEncoder(nn.Module):
 
     @classmethod
     def from_clip(cls, clip_model, max_frames: int = 16, **kw) -> "VideoEncoder":
-        """Copy CLIP's vision tower + visual projection; temporal embedding starts at zero."""
+        """Copy CLIP's vision tower + visual projection; temporal embedding (and the motion
+        channel, `motion=True`) start at zero: the image model exactly."""
         c, vm = clip_model.config.vision_config, clip_model.vision_model
         enc = cls(c.hidden_size, c.num_hidden_layers, c.num_attention_heads, c.intermediate_size,
                   c.patch_size, c.image_size // c.patch_size, max_frames, clip_model.projection_dim,
