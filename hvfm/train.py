@@ -92,8 +92,7 @@ def parse_args(argv=None):
                    help="clips (or images) per device and micro-step (default: the DeepSpeed "
                         f"config's; {BUILTIN_IMAGE['batch_size']} in the image stage on the built-in stills)")
     t = ap.add_argument_group("method")
-    t.add_argument("--drop-ratio", default="0.5", help="patch drop ratio, or a range lo:hi per "
-                   f"sample (the image stage on the built-in stills: {BUILTIN_IMAGE['drop_ratio']})")
+    t.add_argument("--drop-ratio", default="0.5", help="patch drop ratio, or a range lo:hi per sample")
     t.add_argument("--eval-drop-ratio", default=None)
     t.add_argument("--mask-ratio", type=float, default=0.5)
     t.add_argument("--loss-weights", default="1,1,1", help="VTC,VTM,MLM")
@@ -526,7 +525,8 @@ def ensure_image_clip(args, rank):
     argv = ["--deepspeed", args.deepspeed, "--stage", "image", "--model", args.model,
             "--seed", str(args.seed), "--attn", args.attn, "--precision", args.precision,
             "--workers", str(args.workers), "--output-dir", str(tmp),
-            "--max-steps", str(key["max_steps"]), "--max-minutes", str(key["max_minutes"])]
+            "--max-steps", str(key["max_steps"]), "--max-minutes", str(key["max_minutes"]),
+            "--drop-ratio", key["drop_ratio"]]
     summary = train(parse_args(argv), label="image CLIP")
     if rank == 0:
         (tmp / "final" / marker.name).write_text(json.dumps({"key": key, "summary": {

@@ -128,6 +128,38 @@ def test_existing_run_is_not_overwritten(tmp_path, capsys, corpus):
     assert (out / "checkpoints" / "latest").read_text() == "step00000007"
 
 
+@pytest.mark.slow  # ~40 s (two launches); CI runs it: the only run of --stage image on user data
+def test_image_stage_exports_a_clip_folder_that_stage_two_starts_from(corpus, tmp_path):
+    from transformers import AutoTokenizer, CLIPModel
+
+    from hvfm.data.synthetic_images import generate_images
+    stills = generate_images(tmp_path / "stills", n=24, n_test=6, size=32)
+    s1 = tmp_path / "s1"
+    r = launch(["--deepspeed", "ds_configs/z2.json", "--stage", "image", "--train-json",
+                str(stills / "images.json"), "--video-root", str(stills), "--eval-json",
+                str(stills / "images_test.json"), "--eval-video-root", str(stills), "--size", "32",
+                "--batch-size", "4", "--max-steps", "3", "--workers", "0", "--output-dir", str(s1),
+                "--mirror-negatives", "0.5", "--log-every", "1"])
+    assert "[image CLIP, 1 frame] t2v R@1/5/10" in r.stdout and "harvested" not in r.stdout
+    summary = json.loads((s1 / "summary.json").read_text())
+    assert summary["steps"] == 3 and summary["last_losses"]["vtm"] == 0 == summary["last_losses"]["mlm"]
+    assert set(summary["eval"]["after"]) == {"one_frame"}
+    run = json.loads((s1 / "run_config.json").read_text())
+    assert run["args"]["frames"] == 1 and run["args"]["reverse_negatives"] == 0
+    final = s1 / "final"
+    assert not (final / "hvfm.json").exists()  # a plain CLIPModel folder with its tokenizer
+    clip = CLIPModel.from_pretrained(final)
+    tok = AutoTokenizer.from_pretrained(final)
+    assert clip.text_model.embeddings.token_embedding.num_embeddings == len(tok)
+    assert tok.mask_token is not None
+    # stage 2 starts from it: inflated, trained, and its baseline row is the image CLIP's
+    s2 = tmp_path / "s2"
+    r = launch(["--deepspeed", "ds_configs/z2.json", "--clip", str(final), *data_flags(corpus),
+                "--max-steps", "1", "--output-dir", str(s2)])
+    assert "[image CLIP, frames mean-pooled, 4 frames]" in r.stdout and "harvested video model" in r.stdout
+    assert json.loads((s2 / "run_config.json").read_text())["args"]["clip"] == str(final)
+
+
 @pytest.mark.slow  # ~60 s; CI runs it: it is the README's main command
 def test_readme_main_command(tmp_path):
     """The README's main command on the built-in default, shortened with --max-steps."""

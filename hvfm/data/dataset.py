@@ -136,8 +136,8 @@ class Collator:
     `mirror` (stage-1 stills), a fraction in [0, 1]: that share of the samples (each a draw
     seeded by the sample) also enters the batch mirrored, left-right or top-bottom, with the
     place words of its caption swapped. The two captions then differ only in where things are,
-    so a contrastive loss cannot be met by colour and shape alone: the image model must encode
-    position, which motion is made of."""
+    so a contrastive loss cannot be met by colour and shape alone (within the built-in stage 1's
+    budget it did not teach place either: README, "How time gets in")."""
 
     def __init__(self, tokenizer, mask_ratio=0.5, max_length=MAX_LENGTH, seed=0, mirror=0.0):
         self.tokenizer, self.max_length, self.seed = tokenizer, max_length, seed

@@ -82,17 +82,6 @@ def default_patch_embed(attn: str) -> str:
     return "conv" if attn == "sdpa" else "gather"
 
 
-def frame_difference(pixels, frames):
-    """(B, T, C, H, W) central time difference of each clip: frame t+1 minus frame t-1, the
-    neighbours clamped to the clip's own frames [0, frames_i - 1] (one frame: zero)."""
-    B, T = pixels.shape[:2]
-    t = torch.arange(T, device=pixels.device)
-    nxt = torch.minimum(t[None, :] + 1, (frames[:, None] - 1).clamp(min=0))
-    prv = torch.minimum((t - 1).clamp(min=0)[None, :].expand(B, T), nxt)
-    b = torch.arange(B, device=pixels.device)[:, None]
-    return pixels[b, nxt] - pixels[b, prv]
-
-
 def patch_flow(before, now, after, ridge=1e-2):
     """Lucas-Kanade flow of each patch: (n, 2) velocity (x, y) in pixels per frame step that
     best explains the central time difference (after - before) / 2 by the spatial gradients of
@@ -115,12 +104,10 @@ class VideoEmbeddings(nn.Module):
     times its Lucas-Kanade flow (`patch_flow` of the same patch in frames t-1, t, t+1): the
     direction of local motion as two numbers, as two-stream video networks feed optical flow.
     Zero at initialisation (the image model exactly) and zero for a one-frame clip at any time,
-    so one-frame features stay an image model's; a clip played backwards negates it. Without
-    it the transformer has to compute motion from position and time embeddings, and measured
-    here neither contrastive post-pretraining nor MLM taught it to (a free zero-initialised
-    3-frame tubelet kernel learned direction under supervision but random-walked under the
-    contrastive loss' noisy gradients; a per-channel gate on CLIP's conv of the frame difference
-    learned it slowly: CLIP's filters do not see which side a difference is on).
+    so one-frame features stay an image model's; a clip played backwards negates it. Without it
+    the transformer has to compute motion from position and time embeddings (README, "How time
+    gets in": a free zero-initialised 3-frame tubelet kernel learned direction faster under
+    supervision but random-walked under the contrastive loss' early noisy gradients).
 
     All parameters are used directly in this module's forward (ZeRO-3 gathers them here).
     """
@@ -155,14 +142,12 @@ class VideoEmbeddings(nn.Module):
         rows, idx = keep.rows, keep.keep_idx
         t, hw = idx // HW, idx % HW
         if impl == "conv":  # unfused baseline: embed every patch of every frame, then gather
-            def embed(x, weight):
-                f = F.conv2d(x.flatten(0, 1), weight, stride=p)  # (B*T, W, hp, wp)
-                return f.flatten(2).transpose(1, 2).reshape(B, T * HW, W)[rows, idx]
-            tok = embed(pixels, self.patch_weight)
+            f = F.conv2d(pixels.flatten(0, 1), self.patch_weight, stride=p)  # (B*T, W, hp, wp)
+            tok = f.flatten(2).transpose(1, 2).reshape(B, T * HW, W)[rows, idx]
         elif impl == "gather":  # packed: gather kept pixel patches, one matmul
             view = pixels.unflatten(3, (hp, p)).unflatten(5, (wp, p))  # (B, T, C, hp, p, wp, p)
-            hh, ww = hw // wp, hw % wp
-            tok = view[rows, t, :, hh, :, ww, :].flatten(1) @ self.patch_weight.flatten(1).t()
+            patches = view[rows, t, :, hw // wp, :, hw % wp, :]  # (n, C, p, p)
+            tok = patches.flatten(1) @ self.patch_weight.flatten(1).t()
         elif impl == "triton":  # fused kernel: gather + matmul + position embeddings, one launch
             from kernels import patch_embed_gather
             # cu_seqlens of the kept patches alone (vs also counts one CLS per sample)
