@@ -290,13 +290,29 @@ def pick_attention(name, cuda):
     return name
 
 
-def pick_precision(choice, cuda):
-    """bf16 on GPU; on CPU whichever of bf16/fp32 runs a transformer-sized matmul faster here."""
+def stated_precision(cfg):
+    """The precision a DeepSpeed config enables ("bf16", "fp16") or None when it states none
+    (DeepSpeed's own convention: a section with "enabled": true; "bfloat16" is bf16's alias)."""
+    on = [name for key, name in (("bf16", "bf16"), ("bfloat16", "bf16"), ("fp16", "fp16"))
+          if isinstance(cfg.get(key), dict) and cfg[key].get("enabled") is True]
+    return on[0] if on else None
+
+
+def pick_precision(choice, cuda, cfg=None, source="the DeepSpeed config"):
+    """(precision, why): what the config states, else `--precision`, else (auto) bf16 on a GPU
+    and on a CPU whichever of bf16/fp32 runs a transformer-sized matmul faster. A flag that
+    contradicts the config is a ConfigError."""
     import torch
+    stated = stated_precision(cfg or {})
+    if stated and choice not in ("auto", stated):
+        raise ConfigError(f'--precision {choice} contradicts {source}, which enables {stated} '
+                          f'("{stated}": {{"enabled": true}}); drop the flag or change the config')
+    if stated:
+        return stated, f"{source} enables it"
     if choice != "auto":
-        return choice, {}
+        return choice, "--precision"
     if cuda:
-        return "bf16", {}
+        return "bf16", "auto: a GPU"
     times = {}
     for dtype in (torch.float32, torch.bfloat16):
         a, b = torch.randn(2048, 512, dtype=dtype), torch.randn(512, 1024, dtype=dtype)
@@ -305,7 +321,9 @@ def pick_precision(choice, cuda):
         for _ in range(10):
             a @ b
         times[str(dtype).split(".")[-1]] = time.perf_counter() - start
-    return ("bf16" if times["bfloat16"] < times["float32"] else "fp32"), times
+    pick = "bf16" if times["bfloat16"] < times["float32"] else "fp32"
+    return pick, (f"auto: on this CPU a 2048x512x1024 matmul took {1e3 * times['bfloat16']:.0f} ms "
+                  f"in bf16, {1e3 * times['float32']:.0f} ms in fp32 (10 runs)")
 
 
 # ----------------------------------------------------------------------------- set-up
@@ -317,11 +335,18 @@ def free_port():
 
 
 def init_distributed(cuda):
+    """Join (or make) the process group. On GPUs each rank is bound to cuda:LOCAL_RANK first:
+    NCCL's object collectives (broadcast_object_list, all_gather_object) stage their bytes on
+    the *current* device, which without this is cuda:0 on every rank while DeepSpeed puts the
+    rank's model on cuda:LOCAL_RANK -- a hang or a crash at the first collective."""
     import deepspeed
+    import torch
     import torch.distributed as dist
     if "RANK" not in os.environ:  # plain `python hvfm/train.py`: a world of one
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(free_port()))
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
     return dist.get_rank(), dist.get_world_size()
 
@@ -579,7 +604,10 @@ def train(args, label=None):
             args.precision = json.loads((out_dir / "run_config.json").read_text())["precision"]
         except (OSError, ValueError, KeyError):
             pass
-    precision, precision_probe = pick_precision(args.precision, cuda)
+    precision, precision_why = pick_precision(args.precision, cuda, cfg, args.deepspeed)
+    if precision == "fp16" and not cuda:
+        raise ConfigError(f"fp16 ({precision_why}) needs a GPU (DeepSpeed has no fp16 on CPU); "
+                          f"use bf16 or fp32")
 
     rank, world = init_distributed(cuda)
     if out_dir is None:
@@ -653,7 +681,7 @@ def train(args, label=None):
     elif rank == 0:
         (out_dir / "run_config.json").write_text(json.dumps(
             {"args": vars(args), "ds_config": cfg, "attn": attn, "precision": precision,
-             "precision_probe_s": precision_probe, "world_size": world, "max_steps": max_steps,
+             "precision_why": precision_why, "world_size": world, "max_steps": max_steps,
              "build": build}, indent=2))
 
     results = {}
@@ -665,7 +693,7 @@ def train(args, label=None):
     if rank == 0:
         print(f"{label or 'training'}: {max_steps} steps of {micro * accum * world} "
               f"{'images' if image else 'clips'}{' (+ mirrored ones)' if image and args.mirror_negatives else ''} "
-              f"({world} rank(s)), attn {attn}, {precision}, drop ratio {args.drop_ratio}, "
+              f"({world} rank(s)), attn {attn}, {precision} ({precision_why}), drop ratio {args.drop_ratio}, "
               f"output {out_dir}", flush=True)
     from hvfm.metrics_log import MetricsLog
     columns = ["step", "epoch", "loss", "vtc", "vtm", "mlm", "lr", "samples_per_s", "tokens_per_s",

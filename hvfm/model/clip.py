@@ -99,11 +99,33 @@ def _missing(folder: str) -> str | None:
     return None
 
 
+def looks_like_hub_id(name: str) -> bool:
+    """"openai/clip-vit-base-patch16"-like: one or two path parts, no leading / . ~ and no file."""
+    parts = str(name).split("/")
+    return (not os.path.exists(name) and 1 <= len(parts) <= 2 and all(parts)
+            and not str(name).startswith((".", "~", os.sep)))
+
+
+def _folder_recipe(name):
+    return (f"make a folder where the hub is reachable: python -c \"from transformers import "
+            f"CLIPModel, CLIPProcessor; CLIPModel.from_pretrained('{name}').save_pretrained('DIR'); "
+            f"CLIPProcessor.from_pretrained('{name}').save_pretrained('DIR')\" and pass --clip DIR")
+
+
 def load_clip(folder: str):
-    """Load `(CLIPModel, tokenizer)` from a save_pretrained folder; ValueError names what is missing."""
+    """Load `(CLIPModel, tokenizer)` from a save_pretrained folder, or from a Hugging Face hub ID
+    (e.g. openai/clip-vit-base-patch16), which transformers resolves when it can reach the hub
+    or finds it in its cache. ValueError, one line: what is missing and how to make a folder."""
     if not os.path.isdir(folder):
-        raise ValueError(f"CLIP folder {folder} does not exist (make one with save_random_clip "
-                         f"or download a checkpoint)")
+        if not looks_like_hub_id(folder):
+            raise ValueError(f"CLIP folder {folder} does not exist; pass a folder written by "
+                             f"CLIPModel.save_pretrained (with its tokenizer) or a hub ID")
+        try:
+            return CLIPModel.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)
+        except Exception as e:  # noqa: BLE001 - offline, unknown ID, no network: one line
+            why = " ".join(str(e).split())[:160]
+            raise ValueError(f"--clip {folder}: not a folder, and transformers could not load it "
+                             f"as a hub ID ({type(e).__name__}: {why}); {_folder_recipe(folder)}") from None
     missing = _missing(folder)
     if missing:
         raise ValueError(f"CLIP folder {folder} is missing {missing}; expected a folder written "
