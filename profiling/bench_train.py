@@ -289,8 +289,9 @@ def ds_config(path, batch, precision):
 
 def param_groups(model, weight_decay, lr):
     try:
+        from hvfm.train import FRESH_LR_MULT, TEMPORAL_LR_MULT
         from hvfm.train import param_groups as trainer_groups
-        return trainer_groups(model, weight_decay, lr, 10.0)
+        return trainer_groups(model, weight_decay, lr, TEMPORAL_LR_MULT, FRESH_LR_MULT)
     except ImportError:
         return [{"params": [p for p in model.parameters() if p.requires_grad],
                  "weight_decay": weight_decay}]
