@@ -774,7 +774,8 @@ def train(args, label=None):
                                 mlm=f"{last['mlm']:.2f}", lr=f"{scheduler.get_last_lr()[0]:.1e}",
                                 sps=f"{samples / elapsed:.1f}", data=f"{t_fetch - t_data:.2f}s",
                                 step=f"{now - t_fetch:.2f}s")
-                if step % args.log_every == 0 or step == max_steps:
+                stopping = step >= max_steps or (deadline and now >= deadline)
+                if step % args.log_every == 0 or stopping:  # the last step is always logged
                     # losses with 9 significant digits: float32 exactly (resume is checked on them)
                     log.write(dict(zip(columns, [
                         step, loader.epoch, *(f"{last[k]:.9g}" for k in ("loss", "vtc", "vtm", "mlm")),
@@ -794,6 +795,9 @@ def train(args, label=None):
             raise DataError(f"{train_ann.source}: the loader gave no batch (fewer samples than one batch?)")
     bar.close()
     wall = time.perf_counter() - start
+    if rank == 0 and step < max_steps and deadline and time.perf_counter() >= deadline:
+        print(f"stopped at the time cap: {args.max_minutes:g} minutes of training (--max-minutes) "
+              f"after {step} of {max_steps} steps", flush=True)
     if step != last_saved:  # (a resumed run that had nothing left to do saves nothing)
         save(engine, ckpt_dir, step, loader, wall_before + wall,
              {"nonfinite_skipped": nonfinite["skipped"], "batches_fed": fed}, rank)

@@ -43,6 +43,16 @@ def test_webvid_layouts(tmp_path, nested):
         assert ann.captions_of(i) == [name]
 
 
+def test_webvid_without_page_dir_reads_the_flat_layout(tmp_path):
+    root = tmp_path / "flat"
+    rows = [("7", "", "a caption"), ("8", "", "another one")]
+    for vid, _, _ in rows:
+        write_clip(root / f"{vid}.mp4", frames=2)
+    ann = read_annotations(write_webvid(tmp_path / "t.csv", rows, header=("videoid", "name")), root)
+    assert [ann.resolve(i) for i in range(2)] == [root / "7.mp4", root / "8.mp4"]
+    assert ann.captions_of(1) == ["another one"]
+
+
 def test_webvid_mixed_layout_falls_back_per_row(tmp_path):
     root = tmp_path / "v"
     rows = [("1", "000", "a"), ("2", "000", "b"), ("3", "000", "c")]

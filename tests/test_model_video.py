@@ -40,6 +40,9 @@ def test_keep_counts_fixed_and_ranged():
     assert parse_drop_ratio("0.5:0.9") == (0.5, 0.9)
     with pytest.raises(ValueError):
         parse_drop_ratio("0.9:0.5")
+    with pytest.raises(ValueError) as e:  # the error echoes what the user wrote
+        parse_drop_ratio("1.5")
+    assert str(e.value).startswith("drop ratio 1.5 must") and "1.5:1.5" not in str(e.value)
 
 
 def test_keep_idx_sorted_unique_in_range():

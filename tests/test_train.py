@@ -195,7 +195,9 @@ def test_epochs_and_max_minutes_bound_the_run(corpus, tmp_path):
     assert json.loads((out / "summary.json").read_text())["steps"] == 4
 
     out = tmp_path / "minutes"  # a deadline long past after the first step: stop after it
-    launch(["--deepspeed", "ds_configs/z2.json", *data_flags(corpus), "--output-dir", str(out),
-            "--max-minutes", "0.0001", "--max-steps", "50", "--no-eval"])
+    r = launch(["--deepspeed", "ds_configs/z2.json", *data_flags(corpus), "--output-dir", str(out),
+                "--max-minutes", "0.0001", "--max-steps", "50", "--no-eval", "--log-every", "10"])
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 1 and (out / "final").is_dir()
+    assert "stopped at the time cap" in r.stdout and "after 1 of 50 steps" in r.stdout
+    assert [int(r["step"]) for r in metrics_rows(out)] == [1]  # the last step is logged

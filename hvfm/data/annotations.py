@@ -26,7 +26,7 @@ import numpy as np
 from .errors import DataError
 
 WEBVID_COLUMNS = ("videoid", "contentUrl", "duration", "page_dir", "name")
-REQUIRED_WEBVID_COLUMNS = ("videoid", "page_dir", "name")
+REQUIRED_WEBVID_COLUMNS = ("videoid", "name")  # page_dir is optional: ROOT/{videoid}.mp4
 LAYOUT_PROBE_ROWS = 64
 
 
@@ -135,13 +135,14 @@ def read_webvid_csv(path, video_root, clean=None):
         if missing:
             raise DataError(f"{path}: missing column(s) {', '.join(missing)}; a WebVid CSV has the "
                             f"header {','.join(WEBVID_COLUMNS)}")
-        col = {name: header.index(name) for name in REQUIRED_WEBVID_COLUMNS}
+        col = {name: header.index(name) for name in (*REQUIRED_WEBVID_COLUMNS, "page_dir") if name in header}
         videos, alts, captions, dropped = [], [], [], 0
         for row in reader:
             if not row:
                 continue
             try:
-                vid, page, name = (row[col[c]].strip() for c in REQUIRED_WEBVID_COLUMNS)
+                vid, name = (row[col[c]].strip() for c in REQUIRED_WEBVID_COLUMNS)
+                page = row[col["page_dir"]].strip() if "page_dir" in col else ""
             except IndexError:
                 dropped += 1
                 continue

@@ -22,6 +22,7 @@ def parse_drop_ratio(spec) -> tuple[float, float] | None:
     """None -> None (keep all); 0.75 / "0.75" -> (0.75, 0.75); "0.5:0.9" or (0.5, 0.9) -> range."""
     if spec is None:
         return None
+    given = spec
     if isinstance(spec, str):
         parts = spec.split(":")
         if len(parts) not in (1, 2):
@@ -30,7 +31,8 @@ def parse_drop_ratio(spec) -> tuple[float, float] | None:
     lo, hi = (spec, spec) if np.isscalar(spec) else (spec[0], spec[-1])
     lo, hi = float(lo), float(hi)
     if not 0.0 <= lo <= hi < 1.0:
-        raise ValueError(f"drop ratio {lo}:{hi} must satisfy 0 <= lo <= hi < 1")
+        raise ValueError(f"drop ratio {given} must be in [0, 1), or a range lo:hi with "
+                         f"0 <= lo <= hi < 1")
     return lo, hi
 
 
