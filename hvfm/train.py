@@ -47,6 +47,9 @@ ATTN_CHOICES = ("auto", "sdpa", "torch-varlen", "triton", "flash_attn", "xformer
 PRESETS = ("tiny", "vit-b16", "vit-l14")
 
 
+STARTING = {"made": None}  # the output folder this run created, until its training begins
+
+
 class ConfigError(ValueError):
     """A bad flag or config file: one line naming it and the fix."""
 
@@ -61,10 +64,25 @@ class NonFiniteError(RuntimeError):
     collective = True
 
 
+class DefaultsHelp(argparse.HelpFormatter):
+    """Every option's help ends with its default, unless the help already says it or there is
+    none to show (a flag that is off, an option that is unset by default)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        d = action.default
+        if "default" in text or d is None or d is False or d == argparse.SUPPRESS \
+                or not action.option_strings:
+            return text
+        return f"{text} (default: {d})" if text else f"default: {d}"
+
+
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(prog="hvfm/train.py", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="hvfm/train.py", description=__doc__.split("\n")[0],
+                                 formatter_class=DefaultsHelp)
     ap.add_argument("--deepspeed", metavar="PATH", required=True, help="DeepSpeed config JSON")
-    ap.add_argument("--local_rank", "--local-rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)))
+    ap.add_argument("--local_rank", "--local-rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)),
+                    help="set by the deepspeed launcher")
     ap.add_argument("--stage", choices=("video", "image"), default="video",
                     help="video: post-pretrain a CLIP on video-text pairs (the method); image: "
                          "pretrain an image CLIP on stills (stage 1: one frame, VTC only), exported "
@@ -72,20 +90,24 @@ def parse_args(argv=None):
     m = ap.add_argument_group("model")
     m.add_argument("--model", default="tiny", help=f"preset without --clip: {', '.join(PRESETS)}")
     m.add_argument("--clip", metavar="DIR", help="HF CLIPModel folder to start from")
-    m.add_argument("--fusion-layers", type=int, default=2)
+    m.add_argument("--fusion-layers", type=int, default=2,
+                   help="fusion encoder blocks (copied from the text tower's last blocks)")
     m.add_argument("--fusion-width", type=int, default=None, help="default: the text width")
     m.add_argument("--attn", default="auto", help=f"attention backend: {', '.join(ATTN_CHOICES)}")
-    m.add_argument("--activation-checkpointing", action="store_true")
-    m.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32", "fp16"])
+    m.add_argument("--activation-checkpointing", action="store_true",
+                   help="recompute each transformer block in the backward (less memory)")
+    m.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32", "fp16"],
+                   help="auto: the DeepSpeed config's if it states one, else bf16 on a GPU and "
+                        "the faster of bf16/fp32 on a CPU")
     d = ap.add_argument_group("data (default: the built-in synthetic corpus)")
     d.add_argument("--train-csv", help="WebVid CSV (videoid,contentUrl,duration,page_dir,name)")
     d.add_argument("--train-json", help='JSON list of {"video", "caption"}')
     d.add_argument("--video-root", help="folder the training videos are under")
     d.add_argument("--eval-json", help="retrieval test annotations (MSR-VTT style JSON)")
-    d.add_argument("--eval-video-root")
+    d.add_argument("--eval-video-root", help="folder the evaluation videos are under")
     d.add_argument("--tokenizer", help="HF tokenizer folder (default: the CLIP folder's, or one "
                                        "trained on the captions)")
-    d.add_argument("--frames", type=int, default=8)
+    d.add_argument("--frames", type=int, default=8, help="frames sampled per clip")
     d.add_argument("--size", type=int, default=None, help="frame side (default: the model's)")
     d.add_argument("--workers", type=int, default=2, help="loader worker processes per rank")
     d.add_argument("--batch-size", type=int, default=None,
@@ -93,8 +115,9 @@ def parse_args(argv=None):
                         f"config's; {BUILTIN_IMAGE['batch_size']} in the image stage on the built-in stills)")
     t = ap.add_argument_group("method")
     t.add_argument("--drop-ratio", default="0.5", help="patch drop ratio, or a range lo:hi per sample")
-    t.add_argument("--eval-drop-ratio", default=None)
-    t.add_argument("--mask-ratio", type=float, default=0.5)
+    t.add_argument("--eval-drop-ratio", default=None,
+                   help="drop patches in the before/after evaluation too (default: keep all)")
+    t.add_argument("--mask-ratio", type=float, default=0.5, help="share of caption words MLM masks")
     t.add_argument("--loss-weights", default="1,1,1", help="VTC,VTM,MLM")
     t.add_argument("--temporal-lr-mult", type=float, default=TEMPORAL_LR_MULT,
                    help="LR multiplier of the zero-initialised parameters of time (temporal "
@@ -136,9 +159,12 @@ def parse_args(argv=None):
     o.add_argument("--output-dir", default=None, help="default: runs/<date-time>")
     o.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: at the end)")
     o.add_argument("--resume", action="store_true", help="continue from --output-dir's last checkpoint")
-    o.add_argument("--log-every", type=int, default=10)
+    o.add_argument("--log-every", type=int, default=10, help="steps between rows of metrics.csv")
     o.add_argument("--no-eval", action="store_true", help="skip the before/after evaluation")
-    o.add_argument("--seed", type=int, default=0)
+    o.add_argument("--seed", type=int, default=0, help="every random choice derives from it")
+    o.add_argument("--verbose", action="store_true",
+                   help="show the libraries' own progress bars and info lines (transformers, "
+                        "DeepSpeed), which are hidden by default")
     r = ap.add_argument_group("reliability")
     r.add_argument("--decode-timeout", type=float, default=30.0,
                    help="abandon a video whose decode takes longer than this many seconds (the "
@@ -327,6 +353,22 @@ def pick_precision(choice, cuda, cfg=None, source="the DeepSpeed config"):
 
 
 # ----------------------------------------------------------------------------- set-up
+
+def quiet_libraries():
+    """Hide the libraries' progress bars and info lines (transformers' "Loading weights", the
+    hub's "Writing model shards", DeepSpeed's engine and optimizer reports); warnings and errors
+    still show. --verbose skips this."""
+    import logging
+    try:
+        from transformers.utils import logging as hf_logging
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+        from huggingface_hub.utils import disable_progress_bars
+        disable_progress_bars()
+    except ImportError:
+        pass
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+
 
 def free_port():
     with socket.socket() as s:
@@ -551,7 +593,7 @@ def ensure_image_clip(args, rank):
             "--seed", str(args.seed), "--attn", args.attn, "--precision", args.precision,
             "--workers", str(args.workers), "--output-dir", str(tmp),
             "--max-steps", str(key["max_steps"]), "--max-minutes", str(key["max_minutes"]),
-            "--drop-ratio", key["drop_ratio"]]
+            "--drop-ratio", key["drop_ratio"], *(["--verbose"] if args.verbose else [])]
     summary = train(parse_args(argv), label="image CLIP")
     if rank == 0:
         (tmp / "final" / marker.name).write_text(json.dumps({"key": key, "summary": {
@@ -575,6 +617,8 @@ def train(args, label=None):
     from tqdm import tqdm
 
     cuda = torch.cuda.is_available()
+    if not args.verbose:
+        quiet_libraries()
     if not cuda:  # subnormal floats made the first CPU steps of a fresh run 10-20x slower here
         torch.set_flush_denormal(True)
     weights = check_args(args, cuda)
@@ -614,6 +658,8 @@ def train(args, label=None):
         out_dir = Path(broadcast(time.strftime("runs/%Y%m%d-%H%M%S")))
         ckpt_dir = out_dir / "checkpoints"
     if rank == 0:
+        if not out_dir.exists() and label is None:  # a failed start removes it again (main)
+            STARTING["made"] = out_dir
         out_dir.mkdir(parents=True, exist_ok=True)
         for partial in ckpt_dir.glob(".tmp-*"):  # a save that was killed: never published
             shutil.rmtree(partial, ignore_errors=True)
@@ -703,6 +749,8 @@ def train(args, label=None):
         print(f"metrics: {out_dir / 'metrics.csv'} (TensorBoard off: {log.tb_missing})", flush=True)
     bar = tqdm(total=max_steps, initial=step, disable=rank != 0, desc="train", dynamic_ncols=True)
     engine.train()
+    if label is None:  # training began: what it writes is kept whatever happens next
+        STARTING["made"] = None
     start = time.perf_counter()
     samples = tokens = 0
     last = {}
@@ -1078,6 +1126,8 @@ def main(argv=None):
         if not (collective and dist.is_initialized() and dist.get_rank() != 0):  # one line per run
             from tqdm import tqdm
             tqdm.write(f"error: {e}", file=sys.stderr)  # on a line of its own, under a live bar
+        if code == 2 and STARTING["made"] is not None:  # a failed start leaves nothing behind
+            shutil.rmtree(STARTING["made"], ignore_errors=True)
     finally:
         import torch.distributed as dist
         if dist.is_available() and dist.is_initialized():
