@@ -404,14 +404,23 @@ def vtm_scores(model, tokenizer, ann, captions, pair_text, pair_video, frames=8,
                score="prob", progress=False, pool=None):
     """VTM score of each (caption pair_text[j], video pair_video[j]) through the fusion encoder:
     the match probability, or with score="logit" the log-odds logit_match - logit_nomatch. Each
-    video is encoded once (the first view's patches, all frames in one sequence whatever `pool`);
-    NaN where the video did not decode."""
+    video is encoded once (the first view's patches, all frames in one sequence whatever `pool`)
+    and so is each caption through the text tower; the pairs then go through the fusion encoder
+    alone, in batches of 4 x `batch_size`. NaN where the video did not decode."""
     from tqdm import tqdm
 
-    from hvfm.model import gather_sequences, host_lengths
+    from hvfm.model import concat_sequences, gather_sequences, host_lengths
 
     pair_text, pair_video = np.asarray(pair_text, np.int64), np.asarray(pair_video, np.int64)
     values = np.full(len(pair_text), np.nan)
+    needed = np.unique(pair_text)
+    where = {int(c): i for i, c in enumerate(needed)}
+    tt = ts = None  # the text tower's tokens of every needed caption, packed in `needed` order
+    for s in range(0, len(needed), batch_size):
+        ids, attn, _ = tokenize(tokenizer, [captions[c] for c in needed[s:s + batch_size]],
+                                _max_tokens(model))
+        t = model.text(ids.to(model.device), host_lengths(attn))
+        tt, ts = (t.tokens, t.varlen) if tt is None else concat_sequences(tt, ts, t.tokens, t.varlen)
     by_video = {}
     for j, v in enumerate(pair_video):
         by_video.setdefault(int(v), []).append(j)
@@ -427,14 +436,12 @@ def vtm_scores(model, tokenizer, ann, captions, pair_text, pair_video, frames=8,
         v = model.video(pixels, b["num_frames"], drop_ratio, rng, generator=gen)
         local = {vid: i for i, vid in enumerate(b["videos"])}
         pairs = [j for vid in b["videos"] for j in by_video[vid]]
-        for s in range(0, len(pairs), batch_size):
-            chunk = pairs[s:s + batch_size]
-            ids, attn, _ = tokenize(tokenizer, [captions[pair_text[j]] for j in chunk],
-                                    _max_tokens(model))
-            t = model.text(ids.to(model.device), host_lengths(attn))
+        for s in range(0, len(pairs), 4 * batch_size):
+            chunk = pairs[s:s + 4 * batch_size]
+            tx, txs = gather_sequences(tt, ts, [where[int(pair_text[j])] for j in chunk])
             vx, vs = gather_sequences(v.tokens, v.varlen, [local[int(pair_video[j])] for j in chunk])
-            h = model.fusion(t.tokens, t.varlen, vx, vs)
-            logits = model.fusion.vtm_logits(h, t.varlen).float()
+            h = model.fusion(tx, txs, vx, vs)
+            logits = model.fusion.vtm_logits(h, txs).float()
             val = logits.softmax(-1)[:, 1] if score == "prob" else logits[:, 1] - logits[:, 0]
             values[chunk] = val.cpu().numpy()
     return values
