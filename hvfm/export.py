@@ -307,10 +307,11 @@ def _run_build(run_dir, source):
     if args.get("tokenizer") and args.get("clip"):
         tokenizer = load_tokenizer(args["tokenizer"])
     add_mask_token(clip, tokenizer)
+    if "build" in run:  # persisted by the trainer: the keyword arguments it built the model with
+        return clip.config, tokenizer, dict(run["build"])
+    # runs from before the build was persisted
     build = dict(fusion_layers=args.get("fusion_layers", 2), fusion_width=args.get("fusion_width"),
-                 attn=run.get("attn", "sdpa"), max_frames=max(int(args.get("frames", 8)), 16),
-                 motion=bool(args.get("motion_channel", False)),
-                 vtm_token=run.get("build", {}).get("vtm_token", "first"))
+                 attn=run.get("attn", "sdpa"), max_frames=max(int(args.get("frames", 8)), 16))
     return clip.config, tokenizer, build
 
 

@@ -654,6 +654,7 @@ def train(args, label=None):
                           f"use bf16 or fp32")
 
     rank, world = init_distributed(cuda)
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
     if out_dir is None:
         out_dir = Path(broadcast(time.strftime("runs/%Y%m%d-%H%M%S")))
         ckpt_dir = out_dir / "checkpoints"
@@ -705,6 +706,14 @@ def train(args, label=None):
         cfg.setdefault("optimizer", {}).setdefault("params", {})["lr"] = args.lr
     opt_params = cfg.get("optimizer", {}).get("params", {})
     warmup = args.warmup_steps if args.warmup_steps is not None else max(1, max_steps // 20)
+    results = {}
+    if eval_ann is not None and not args.no_eval and not args.resume and not image and rank == 0:
+        # The image CLIP the run starts from, each frame an image: the baseline to beat. In fp32,
+        # before DeepSpeed casts the weights, so the numbers are the ones `python -m
+        # hvfm.evaluate --checkpoint CLIP_FOLDER` gives.
+        results["before"] = run_eval(model.to(device), tokenizer, eval_ann, args, size,
+                                     torch.float32, "image CLIP, frames mean-pooled", rank, pool="mean")
+    dist.barrier()
     engine, _, _, scheduler = deepspeed.initialize(
         model=model, model_parameters=param_groups(model, opt_params.get("weight_decay", 0.0),
                                                    opt_params.get("lr", 1e-4), args.temporal_lr_mult,
@@ -730,11 +739,6 @@ def train(args, label=None):
              "precision_why": precision_why, "world_size": world, "max_steps": max_steps,
              "build": build}, indent=2))
 
-    results = {}
-    if eval_ann is not None and not args.no_eval and not args.resume and not image:
-        # the image CLIP the run starts from, each frame an image, as the baseline to beat
-        results["before"] = run_eval(engine.module, tokenizer, eval_ann, args, size, dtype,
-                                     "image CLIP, frames mean-pooled", rank, pool="mean")
 
     if rank == 0:
         print(f"{label or 'training'}: {max_steps} steps of {micro * accum * world} "
@@ -850,10 +854,20 @@ def train(args, label=None):
         save(engine, ckpt_dir, step, loader, wall_before + wall,
              {"nonfinite_skipped": nonfinite["skipped"], "batches_fed": fed}, rank)
 
-    export_final(engine, out_dir / "final", clip_config, tokenizer, build, cfg, rank, image)
-    if eval_ann is not None and not args.no_eval:
-        results["after"] = run_eval(engine.module, tokenizer, eval_ann, args, size, dtype,
-                                    label or ("image CLIP" if image else "harvested"), rank)
+    if rank == 0:
+        # One model, one result: the export, the evaluation below and the DeepSpeed checkpoint
+        # all hold the fp32 master weights of the last checkpoint (not the bf16 module).
+        from hvfm.export import _build_model, _load_state, consolidate_deepspeed
+        state = consolidate_deepspeed(ckpt_dir, (ckpt_dir / "latest").read_text().strip())
+        export_final(out_dir / "final", state, clip_config, tokenizer, build, image)
+        if eval_ann is not None and not args.no_eval:
+            final, _ = _build_model(clip_config, tokenizer, build)
+            _load_state(final, state, ckpt_dir)
+            results["after"] = run_eval(final.to(device), tokenizer, eval_ann, args, size,
+                                        torch.float32, label or ("image CLIP" if image else "harvested"), rank)
+            del final
+        del state
+    dist.barrier()
     # Skip counters summed over ranks; bad files: the union of every rank's.
     counts = torch.tensor([loader.counters()[k] for k in ("skipped", "bad_drawn", "timeouts", "crashes")],
                           dtype=torch.float64, device=engine.device)
@@ -1086,19 +1100,14 @@ def _publish(ckpt_dir, tmp_tag, tag):
     _fsync(ckpt_dir, directory=True)
 
 
-def export_final(engine, folder, clip_config, tokenizer, build, cfg, rank, image=False):
-    """Consolidate the weights (gathered from all ranks under ZeRO-3) and write OUTPUT_DIR/final:
-    an hvfm export, or after the image stage a plain HF CLIPModel folder with its tokenizer."""
+def export_final(folder, state, clip_config, tokenizer, build, image=False):
+    """Write OUTPUT_DIR/final from a (consolidated fp32) state: an hvfm export, or after the image
+    stage a plain HF CLIPModel folder with its tokenizer."""
     from hvfm.export import save_clip_folder, save_export
-    if cfg.get("zero_optimization", {}).get("stage", 0) == 3:
-        state = engine._zero3_consolidated_16bit_state_dict()  # collective: every rank calls it
+    if image:
+        save_clip_folder(folder, state, clip_config, tokenizer)
     else:
-        state = engine.module.state_dict() if rank == 0 else None
-    if rank == 0:
-        if image:
-            save_clip_folder(folder, state, clip_config, tokenizer)
-        else:
-            save_export(folder, state, clip_config, tokenizer, build)
+        save_export(folder, state, clip_config, tokenizer, build)
 
 
 def remove_shm_buffer():

@@ -63,25 +63,34 @@ def test_launcher_trains_saves_resumes_and_exports(corpus, tmp_path, procs, conf
     assert (out / "checkpoints" / "latest").read_text().strip() == "step00000002"
     assert (out / "final" / "hvfm_model.safetensors").exists()
 
+    # One model, one result: the trainer's closing evaluation, its export and its DeepSpeed
+    # checkpoint give the same numbers through the CLI (all the fp32 master weights), and the
+    # opening evaluation is the CLIP folder the run started from.
+    def cli(checkpoint, *extra):
+        env = dict(os.environ, PYTHONPATH=str(ROOT))
+        r = subprocess.run([sys.executable, "-m", "hvfm.evaluate", "--checkpoint", str(checkpoint),
+                            "--ann", str(corpus.test_json), "--video-root", str(corpus.test_root),
+                            "--frames", "4", "--size", "32", "--workers", "0", *extra],
+                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+        return json.loads(r.stdout.strip().splitlines()[-1])
+
+    keys = ("t2v_r1", "t2v_r5", "t2v_r10", "t2v_medr", "t2v_meanr", "v2t_r1", "v2t_r5", "v2t_r10",
+            "v2t_medr", "temporal_acc")
+    after, before = summary["eval"]["after"]["all_frames"], summary["eval"]["before"]["all_frames"]
+    for checkpoint in (out / "final", out / "checkpoints"):
+        m = cli(checkpoint, "--dump-scores", str(tmp_path / "s.npy"))
+        assert {k: m[k] for k in keys} == pytest.approx({k: after[k] for k in keys}), checkpoint
+    scores = np.load(tmp_path / "s.npy")
+    assert scores.shape == (m["captions"], m["videos"]) and np.isfinite(scores).all()
+    m = cli(out / "init_clip")
+    assert m["pool"] == "mean" and {k: m[k] for k in keys} == pytest.approx({k: before[k] for k in keys})
+
     launch([*base, "--max-steps", "4", "--resume", "--no-eval"], procs)
     rows = metrics_rows(out)
     assert [int(r["step"]) for r in rows] == [1, 2, 3, 4]  # went on from step 2, not from 0
     assert json.loads((out / "summary.json").read_text())["steps"] == 4
     assert (out / "checkpoints" / "latest").read_text().strip() == "step00000004"
-
-    # The export evaluates through the CLI and gives the numbers the trainer printed at the end.
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    r = subprocess.run([sys.executable, "-m", "hvfm.evaluate", "--checkpoint", str(out / "final"),
-                        "--ann", str(corpus.test_json), "--video-root", str(corpus.test_root),
-                        "--frames", "4", "--size", "32", "--workers", "0",
-                        "--dump-scores", str(tmp_path / "s.npy")],
-                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
-    metrics = json.loads(r.stdout.strip().splitlines()[-1])
-    for key in ("t2v_r1", "t2v_r5", "t2v_r10", "t2v_medr", "v2t_r1", "v2t_r5", "v2t_r10", "v2t_medr"):
-        assert key in metrics
-    scores = np.load(tmp_path / "s.npy")
-    assert scores.shape == (metrics["captions"], metrics["videos"]) and np.isfinite(scores).all()
 
 
 def expect_exit_2(capsys, argv, *words):

@@ -213,6 +213,24 @@ def encode_mp4(video, path, fps=FPS):
         container.mux(stream.encode(None))
 
 
+def run_tasks(fn, tasks, workers, every=0, what="items", chunksize=16):
+    """fn(task) for every task, in `workers` processes (fork where the platform has it); a
+    progress line every `every` tasks (0: none). Results are not kept: each task writes a file."""
+    t0 = time.time()
+    if workers > 1:
+        ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+        with ctx.Pool(workers) as pool:
+            done = pool.imap_unordered(fn, tasks, chunksize=chunksize)
+            for k, _ in enumerate(done):
+                if every and (k + 1) % every == 0:
+                    print(f"{k + 1}/{len(tasks)} {what}, {time.time() - t0:.0f}s", flush=True)
+        return
+    for k, task in enumerate(tasks):
+        fn(task)
+        if every and (k + 1) % every == 0:
+            print(f"{k + 1}/{len(tasks)} {what}, {time.time() - t0:.0f}s", flush=True)
+
+
 def _render_and_write(task):
     path, params, frames, size = task
     encode_mp4(render_clip(params, frames, size), path)
@@ -298,18 +316,7 @@ def generate(out_dir, n_train=4000, n_test=200, frames=17, size=96, seed=0, work
     paths.test_root.mkdir(parents=True, exist_ok=True)
     tasks += [(str(paths.test_root / name), params, frames, size) for name, _, params in test]
 
-    t0 = time.time()
-    if workers > 1:
-        ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-        with ctx.Pool(workers) as pool:
-            for k, _ in enumerate(pool.imap_unordered(_render_and_write, tasks, chunksize=16)):
-                if progress and (k + 1) % 500 == 0:
-                    print(f"{k + 1}/{len(tasks)} clips, {time.time() - t0:.0f}s", flush=True)
-    else:
-        for k, task in enumerate(tasks):
-            _render_and_write(task)
-            if progress and (k + 1) % 500 == 0:
-                print(f"{k + 1}/{len(tasks)} clips, {time.time() - t0:.0f}s", flush=True)
+    run_tasks(_render_and_write, tasks, workers, progress and 500, "clips", chunksize=16)
 
     with open(paths.train_csv, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)

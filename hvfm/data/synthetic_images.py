@@ -26,14 +26,14 @@ corpus is identical for any worker count.
 from __future__ import annotations
 
 import json
-import multiprocessing as mp
 import os
 import shutil
-import time
 import uuid
 from pathlib import Path
 
 import numpy as np
+
+from .synthetic import _shape_mask, default_cache_dir, run_tasks
 
 IMAGE_VERSION = 3
 PER_PAGE = 1000
@@ -181,8 +181,6 @@ def _background_pixels(bg, size, rng):
 
 def render_image(params, size, seed=0):
     """(size, size, 3) uint8 RGB of a still's parameters; noise comes from `seed`."""
-    from .synthetic import _shape_mask
-
     img = _background_pixels(params["background"], size, np.random.default_rng(seed))
     grid = np.arange(size, dtype=np.float64) + 0.5
     for o in params["objects"]:
@@ -227,19 +225,7 @@ def generate_images(out_dir, n=DEFAULT_IMAGES, n_test=DEFAULT_IMAGES_TEST, size=
         for rel, params, _, noise_seed in items:
             (out / rel).parent.mkdir(parents=True, exist_ok=True)
             tasks.append((str(out / rel), params, size, noise_seed))
-    t0 = time.time()
-    if workers > 1:
-        ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-        with ctx.Pool(workers) as pool:
-            done = pool.imap_unordered(_write, tasks, chunksize=64)
-            for k, _ in enumerate(done):
-                if progress and (k + 1) % 2000 == 0:
-                    print(f"{k + 1}/{len(tasks)} images, {time.time() - t0:.0f}s", flush=True)
-    else:
-        for k, task in enumerate(tasks):
-            _write(task)
-            if progress and (k + 1) % 2000 == 0:
-                print(f"{k + 1}/{len(tasks)} images, {time.time() - t0:.0f}s", flush=True)
+    run_tasks(_write, tasks, workers, progress and 2000, "images", chunksize=64)
     for split, name in (("train", "images.json"), ("test", "images_test.json")):
         entries = [{"image": rel, "caption": cap} for rel, _, cap, _ in splits[split]]
         (out / name).write_text(json.dumps(entries, indent=0))
@@ -253,8 +239,6 @@ def generate_images(out_dir, n=DEFAULT_IMAGES, n_test=DEFAULT_IMAGES_TEST, size=
 def ensure_images(cache_dir=None, n=DEFAULT_IMAGES, n_test=DEFAULT_IMAGES_TEST, size=96, seed=0, workers=1, progress=False):
     """Generate the image corpus for these parameters once under cache_dir; reuse it afterwards
     (written to a temporary sibling and renamed, so a crash or a race never leaves half of one)."""
-    from .synthetic import default_cache_dir
-
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     final = cache / f"images_n{n}_t{n_test}_s{size}_seed{seed}_v{IMAGE_VERSION}"
     want = _meta(n, n_test, size, seed)
