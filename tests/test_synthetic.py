@@ -205,7 +205,7 @@ def test_ensure_corpus_reuses_and_regenerates(tmp_path, monkeypatch):
     monkeypatch.setattr(syn, "generate", counting)
     params = dict(n_train=4, n_test=6, frames=4, size=16, seed=3)
     p1 = syn.ensure_corpus(tmp_path, **params)
-    assert len(calls) == 1 and p1.root.name == "n4_t6_f4_s16_seed3_v2"
+    assert len(calls) == 1 and p1.root.name == f"n4_t6_f4_s16_seed3_v{syn.VERSION}"
     assert p1.train_csv.is_file() and p1.test_json.is_file()
     assert sorted(x.name for x in tmp_path.iterdir()) == [p1.root.name]  # temp folder gone
     p2 = syn.ensure_corpus(tmp_path, **params)
@@ -228,7 +228,7 @@ def test_default_cache_dir(monkeypatch, tmp_path):
 def test_ensure_corpus_loser_of_a_race_uses_the_winner(tmp_path, monkeypatch):
     real = syn.generate
     params = dict(n_train=3, n_test=6, frames=4, size=16, seed=7)
-    final = tmp_path / "n3_t6_f4_s16_seed7_v2"
+    final = tmp_path / f"n3_t6_f4_s16_seed7_v{syn.VERSION}"
 
     def racing(out, *a, **k):  # another process finishes first while we generate
         real(final, *a, **k)
