@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -131,7 +132,17 @@ def mc_file(test_json, out):
     return out
 
 
+def _last_json(log):
+    try:
+        return json.loads(Path(log).read_text().strip().splitlines()[-1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def evaluate_mc(final, mc, video_root, by, env, log):
+    earlier = _last_json(log)
+    if isinstance(earlier, dict) and "mc_acc" in earlier:
+        return earlier["mc_acc"]
     cmd = [sys.executable, "-m", "hvfm.evaluate", "--checkpoint", str(final), "--ann", str(mc),
            "--video-root", str(video_root), "--frames", "8", "--mc-by", by, "--workers", "1"]
     rc = run_logged(cmd, log, env)
@@ -148,11 +159,17 @@ def run_one(args, label, flags, extra, env, runs_dir, steps=None, test=None):
     cmd = [sys.executable, str(ROOT / "hvfm" / "train.py"), "--deepspeed", args.deepspeed,
            *flag_list(flags), *schedule, "--output-dir", str(out_dir),
            "--log-every", "1", "--seed", str(args.seed), *extra]
-    print(f"{label}: {' '.join(cmd)}", flush=True)
-    start = time.perf_counter()
-    rc = run_logged(cmd, log, env, args.timeout)
-    seconds = time.perf_counter() - start
     summary_file = out_dir / "summary.json"
+    if summary_file.exists() and (out_dir / "final").is_dir():
+        print(f"{label}: finished earlier in {out_dir}, read back", flush=True)
+        rc, seconds = 0, None
+    else:
+        if out_dir.exists():  # an interrupted run: start it again from step 0
+            shutil.rmtree(out_dir)
+        print(f"{label}: {' '.join(cmd)}", flush=True)
+        start = time.perf_counter()
+        rc = run_logged(cmd, log, env, args.timeout)
+        seconds = time.perf_counter() - start
     if rc != 0 or not summary_file.exists():
         tail = log.read_text()[-1500:]
         print(f"{label}: train.py failed ({rc}); last lines of {log}:\n{tail}", flush=True)
@@ -271,7 +288,9 @@ def main(argv=None):
     ap.add_argument("--deepspeed", default=str(ROOT / "ds_configs" / "z2.json"))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--timeout", type=float, default=None, help="seconds allowed per run")
-    ap.add_argument("--runs-dir", help="where the runs go (default: RESULTS/tmp/ablate-<time>)")
+    ap.add_argument("--runs-dir", help="where the runs go (default: RESULTS/tmp/ablate-<time>); "
+                    "runs already finished there are read back, so an interrupted ablation "
+                    "continues where it stopped")
     ap.add_argument("--out", default=str(RESULTS), help="folder for ablate_drop.json/.md/.png")
     args, extra = ap.parse_known_args(argv)
     clash = [f for f in extra if f.split("=")[0] in OWNED]
