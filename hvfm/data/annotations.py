@@ -87,17 +87,36 @@ class Annotations:
     def resolve(self, video_index):
         """Path of video i: the primary layout if it exists, else the other one, else the primary
         (a missing file is reported by the decoder as 'missing file')."""
+        return self.locate(video_index)[0]
+
+    def locate(self, video_index):
+        """(path, size in bytes) of video i, as `resolve` finds it, with one stat when the file is
+        where the layout says (the decoder takes the size and does not stat again). Size -1: the
+        file is missing in both layouts; None: it could not be stat-ed (the decoder says why)."""
         primary = self.root / self.videos[video_index]
-        if primary.exists():
-            return primary
+        size = _size(primary)
+        if size is not None and size >= 0:
+            return primary, size
         alt = self.alt_videos[video_index]
-        if alt and (self.root / alt).exists():
-            return self.root / alt
-        return primary
+        if alt:
+            alt_size = _size(self.root / alt)
+            if alt_size is not None and alt_size >= 0:
+                return self.root / alt, alt_size
+        return primary, size
 
     def __repr__(self):
         return (f"Annotations({self.source!r}, root={str(self.root)!r}, videos={self.num_videos}, "
                 f"pairs={len(self)}, dropped={self.dropped})")
+
+
+def _size(path):
+    """st_size of `path`; -1 when it does not exist, None when it cannot be stat-ed otherwise."""
+    try:
+        return os.stat(path).st_size
+    except (FileNotFoundError, NotADirectoryError):
+        return -1
+    except OSError:
+        return None
 
 
 def _check_root(root, source):

@@ -14,6 +14,13 @@ number of skips is a function of (seed, epoch, the indices drawn, the set of bad
 A clip with at least one decodable frame is a (short) sample, zero-padded in the batch; a clip
 with zero decodable frames is a bad file.
 
+Workers send uint8 frames at the size the decoder gave them (a file whose short side is more than
+twice the training size is shrunk to it first, so a 4K file does not cross as 4K) and one row of
+crop parameters per sample, drawn here as before; `transform.prepare_batch` crops, resizes and
+normalises on the device (see hvfm/data/transform.py). The batch's "pixels" are therefore uint8
+(B, T, H, W, 3) with a "crop" tensor beside them until `prepare_batch` turns them into the float
+(B, T, 3, size, size) the model takes.
+
 Hung and crashing decoders: with `decode_timeout` (seconds) every decode runs in a
 `DecoderProcess` child that is killed after that long (or when it crashes) and replaced; the
 sample counts as a skip of kind "timeout" (or "crash"). The DataLoader `timeout` stays as a last
@@ -28,10 +35,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .decode import DecodeError, DecoderProcess, decode_clip
+from .decode import DecodeError, DecoderProcess, _resize_frames, decode_clip
 from .errors import DataError
 from .text import MAX_LENGTH, MLMMasker, swap_left_right, swap_top_bottom, tokenize
-from .transforms import VideoTransform
+from .transform import collate_frames, draw_params, mirror_params
 
 log = logging.getLogger("hvfm.data")
 
@@ -49,7 +56,7 @@ class VideoTextDataset(Dataset):
         self.ann, self.frames, self.size, self.train = ann, frames, size, train
         self.seed, self.max_retries, self.decoder = seed, max_retries, decoder
         self.min_frames, self.swap_lr_on_flip = min_frames, swap_lr_on_flip
-        self.transform = VideoTransform(size, train, hflip=hflip if train else 0.0, scale=crop_scale)
+        self.hflip, self.crop_scale = (hflip if train else 0.0), crop_scale
         self.watchdog = DecoderProcess(decode_timeout) if decode_timeout else None
 
     def __len__(self):
@@ -57,19 +64,23 @@ class VideoTextDataset(Dataset):
 
     def _load(self, pair, rng):
         video = int(self.ann.pair_video[pair])
-        path = self.ann.resolve(video)
+        path, file_size = self.ann.locate(video)  # the clip's one stat, shared with the decoder
         if self.watchdog is not None:
-            frames = self.watchdog.decode(path, self.frames, self.train, rng, self.size, self.decoder)
+            frames = self.watchdog.decode(path, self.frames, self.train, rng, None, self.decoder,
+                                          file_size)
         else:
-            frames, _ = decode_clip(path, self.frames, self.train, rng, short_side=self.size,
-                                    decoder=self.decoder)
+            frames, _ = decode_clip(path, self.frames, self.train, rng, decoder=self.decoder,
+                                    file_size=file_size)
         if len(frames) < self.min_frames:
             raise DecodeError(path, f"{len(frames)} frame(s), fewer than the {self.min_frames} required")
-        pixels, flipped = self.transform(frames, rng)
+        if min(frames.shape[1:3]) > 2 * self.size:
+            frames = _resize_frames(frames, self.size)
+        crop, flipped = draw_params(frames.shape[1], frames.shape[2], self.size, self.train, rng,
+                                    self.crop_scale, self.hflip)
         caption = self.ann.pair_caption[pair]
         if flipped and self.swap_lr_on_flip:
             caption = swap_left_right(caption)
-        return pixels, caption
+        return torch.from_numpy(np.ascontiguousarray(frames)), crop, caption
 
     def replacement(self, index, epoch, attempt):
         """The pair that stands in for `index` at its `attempt`-th (>= 1) failed try."""
@@ -85,9 +96,9 @@ class VideoTextDataset(Dataset):
             else:
                 rng = _rng(self.seed, epoch, index)
             try:
-                pixels, caption = self._load(pair, rng)
-                return {"pixels": pixels, "caption": caption, "index": pair, "epoch": epoch,
-                        "failures": failures}
+                pixels, crop, caption = self._load(pair, rng)
+                return {"pixels": pixels, "crop": crop, "caption": caption, "index": pair,
+                        "epoch": epoch, "failures": failures}
             except DecodeError as e:
                 # (path, reason, kind, attempt): attempt 0 is the row the sampler drew
                 failures.append((e.path, e.reason, e.kind, attempt))
@@ -149,18 +160,14 @@ class Collator:
         if draw[0] >= self.mirror:
             return None
         vertical = draw[1] < 0.5
-        pixels = s["pixels"].flip(-2 if vertical else -1)
         caption = (swap_top_bottom if vertical else swap_left_right)(s["caption"])
-        return {**s, "pixels": pixels, "caption": caption, "failures": []}
+        return {**s, "crop": mirror_params(s["crop"], vertical), "caption": caption, "failures": []}
 
     def __call__(self, samples):
         if self.mirror:
             samples = list(samples) + [m for m in map(self._mirrored, samples) if m is not None]
-        t_max = max(s["pixels"].shape[0] for s in samples)
-        c, h, w = samples[0]["pixels"].shape[1:]
-        pixels = torch.zeros(len(samples), t_max, c, h, w)
-        for i, s in enumerate(samples):
-            pixels[i, : s["pixels"].shape[0]] = s["pixels"]
+        pixels, crop, num_frames = collate_frames([s["pixels"] for s in samples],
+                                                  [s["crop"] for s in samples])
         captions = [s["caption"] for s in samples]
         ids, attn, special = tokenize(self.tokenizer, captions, self.max_length)
         index = torch.tensor([s["index"] for s in samples], dtype=torch.int64)
@@ -169,13 +176,32 @@ class Collator:
         mlm_ids, mlm_labels = self.masker(ids, attn, special, gen)
         failures = [f for s in samples for f in s["failures"]]
         return {
-            "pixels": pixels,
-            "num_frames": torch.tensor([s["pixels"].shape[0] for s in samples], dtype=torch.int64),
+            "pixels": pixels, "crop": crop,  # uint8 frames + crop rows: see transform.prepare_batch
+            "num_frames": num_frames,
             "input_ids": ids, "attention_mask": attn,
             "mlm_input_ids": mlm_ids, "mlm_labels": mlm_labels,
             "captions": captions, "index": index,
             "failures": failures, "n_skipped": len(failures),
         }
+
+
+def default_workers(cpus=None, local_ranks=None):
+    """Loader workers per rank when --workers is not given: one core per rank stays with the
+    training process, the rest decode, at most 8: min(8, cpus // local ranks - 1), at least 1.
+    cpus: the cores this process may run on; local ranks: LOCAL_WORLD_SIZE (set by the deepspeed
+    launcher and torchrun), else 1."""
+    import os
+    if cpus is None:
+        try:
+            cpus = len(os.sched_getaffinity(0))
+        except AttributeError:  # not Linux
+            cpus = os.cpu_count() or 1
+    if local_ranks is None:
+        try:
+            local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        except ValueError:
+            local_ranks = 1
+    return max(1, min(8, cpus // max(1, local_ranks) - 1))
 
 
 def _worker_init(worker_id):
