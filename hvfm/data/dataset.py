@@ -111,14 +111,18 @@ class ResumableDistributedSampler(Sampler):
     """Shards a (shuffled) permutation across ranks like DistributedSampler, yields (index, epoch)
     and can start mid-epoch (`start`, in samples of this rank) for exact resumption."""
 
-    def __init__(self, n, num_replicas=1, rank=0, shuffle=True, seed=0, drop_last=False):
+    def __init__(self, n, num_replicas=1, rank=0, shuffle=True, seed=0, drop_last=False,
+                 num_samples=None):
+        """num_samples: samples per rank (default: n / num_replicas, rounded as drop_last
+        says); with num_replicas=1 over a rank's own rows (a sharded CSV) it is the count every
+        rank draws, the permutation wrapped as needed."""
         if n == 0:
             raise DataError("the dataset is empty: no samples to draw")
         self.n, self.num_replicas, self.rank = n, num_replicas, rank
         self.shuffle, self.seed, self.drop_last = shuffle, seed, drop_last
         self.epoch, self.start = 0, 0
         per_rank = n // num_replicas if drop_last else math.ceil(n / num_replicas)
-        self.num_samples = per_rank
+        self.num_samples = per_rank if num_samples is None else int(num_samples)
 
     def set_epoch(self, epoch, start=0):
         self.epoch, self.start = epoch, start
@@ -133,7 +137,7 @@ class ResumableDistributedSampler(Sampler):
             order = np.arange(self.n)
         total = self.num_samples * self.num_replicas
         if total > self.n:  # pad by wrapping so every rank gets the same count
-            order = np.concatenate([order, np.resize(order, total - self.n)])
+            order = np.resize(order, total)
         return order[:total][self.rank::self.num_replicas]
 
     def __iter__(self):
@@ -287,8 +291,17 @@ def build_loader(ann, tokenizer, *, batch_size, frames=8, size=224, train=True, 
                                decode_timeout=decode_timeout, crop_scale=crop_scale)
     if decode_timeout:
         timeout = max(timeout, 4 * decode_timeout)
-    sampler = ResumableDistributedSampler(len(dataset), world_size, rank, shuffle=train, seed=seed,
-                                          drop_last=False)
+    shard = getattr(ann, "shard", None)
+    if shard is not None:  # the annotations hold this rank's rows only: sample within them
+        if tuple(shard[:2]) != (rank, world_size):
+            raise DataError(f"{ann.source}: read for rank {shard[0]} of {shard[1]}, loaded by rank "
+                            f"{rank} of {world_size}; pass the same rank and world size to "
+                            f"read_annotations and build_loader")
+        sampler = ResumableDistributedSampler(len(dataset), 1, 0, shuffle=train,
+                                              seed=seed, num_samples=math.ceil(shard[2] / world_size))
+    else:
+        sampler = ResumableDistributedSampler(len(dataset), world_size, rank, shuffle=train,
+                                              seed=seed, drop_last=False)
     loader = DataLoader(
         dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
         collate_fn=Collator(tokenizer, mask_ratio, max_length, seed, mirror),
