@@ -235,7 +235,7 @@ class ClipDataset(torch.utils.data.Dataset):
         v = int(self.videos[k])
         path, file_size = self.ann.locate(v)  # device transform: one stat, shared with the decoder
         try:
-            frames, _ = decode_clip(path, self.frames, False, None, decoder=self.decoder,
+            frames, _ = decode_clip(path, self.frames, False, None, decoder=self.decoder,  # device transform
                                     file_size=file_size)  # device transform: the file's own size
         except DecodeError as e:
             return {"video": v, "pixels": None, "error": (str(path), e.reason)}
@@ -248,10 +248,10 @@ def _collate(samples):
     failed = {s["video"]: s["error"] for s in samples if s["pixels"] is None}
     if not good:
         return {"videos": [], "pixels": None, "num_frames": None, "failed": failed}
-    from hvfm.data.transform import collate_frames  # device transform: uint8 + crop rows
-    pixels, crop, num_frames = collate_frames([s["pixels"] for s in good], [s["crop"] for s in good])
-    return {"videos": [s["video"] for s in good], "pixels": pixels, "crop": crop,  # device transform
-            "num_frames": num_frames, "failed": failed}
+    from hvfm.data.transform import collate_clips  # device transform: uint8 + crop rows for a GPU
+    clips = collate_clips([s["pixels"] for s in good], [s["crop"] for s in good],  # device transform
+                          device_transform=torch.cuda.is_available())  # device transform
+    return {"videos": [s["video"] for s in good], **clips, "failed": failed}  # device transform
 
 
 def clip_batches(ann, videos, frames, size, batch_size, workers):

@@ -19,7 +19,9 @@ twice the training size is shrunk to it first, so a 4K file does not cross as 4K
 crop parameters per sample, drawn here as before; `transform.prepare_batch` crops, resizes and
 normalises on the device (see hvfm/data/transform.py). The batch's "pixels" are therefore uint8
 (B, T, H, W, 3) with a "crop" tensor beside them until `prepare_batch` turns them into the float
-(B, T, 3, size, size) the model takes.
+(B, T, 3, size, size) the model takes. Without a GPU (`device_transform=False`, the default when
+the loader does not pin memory) the workers' collate runs that same function, so a CPU run keeps
+the transform off the training process; `prepare_batch` then only moves and casts.
 
 Hung and crashing decoders: with `decode_timeout` (seconds) every decode runs in a
 `DecoderProcess` child that is killed after that long (or when it crashes) and replaced; the
@@ -38,7 +40,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from .decode import DecodeError, DecoderProcess, _resize_frames, decode_clip
 from .errors import DataError
 from .text import MAX_LENGTH, MLMMasker, swap_left_right, swap_top_bottom, tokenize
-from .transform import collate_frames, draw_params, mirror_params
+from .transform import collate_frames, draw_params, mirror_params, to_model_pixels
 
 log = logging.getLogger("hvfm.data")
 
@@ -154,10 +156,12 @@ class Collator:
     so a contrastive loss cannot be met by colour and shape alone (within the built-in stage 1's
     budget it did not teach place either: README, "How time gets in")."""
 
-    def __init__(self, tokenizer, mask_ratio=0.5, max_length=MAX_LENGTH, seed=0, mirror=0.0):
+    def __init__(self, tokenizer, mask_ratio=0.5, max_length=MAX_LENGTH, seed=0, mirror=0.0,
+                 device_transform=True):
         self.tokenizer, self.max_length, self.seed = tokenizer, max_length, seed
         self.masker = MLMMasker(tokenizer, mask_ratio)
         self.mirror = float(mirror)
+        self.device_transform = device_transform
 
     def _mirrored(self, s):
         draw = _rng(self.seed, s["epoch"], s["index"], 0x5EE).random(2)
@@ -172,6 +176,9 @@ class Collator:
             samples = list(samples) + [m for m in map(self._mirrored, samples) if m is not None]
         pixels, crop, num_frames = collate_frames([s["pixels"] for s in samples],
                                                   [s["crop"] for s in samples])
+        extra = {"crop": crop}
+        if not self.device_transform:  # the device is this CPU: spare the training process
+            pixels, extra = to_model_pixels(pixels, crop, num_frames), {}
         captions = [s["caption"] for s in samples]
         ids, attn, special = tokenize(self.tokenizer, captions, self.max_length)
         index = torch.tensor([s["index"] for s in samples], dtype=torch.int64)
@@ -180,7 +187,7 @@ class Collator:
         mlm_ids, mlm_labels = self.masker(ids, attn, special, gen)
         failures = [f for s in samples for f in s["failures"]]
         return {
-            "pixels": pixels, "crop": crop,  # uint8 frames + crop rows: see transform.prepare_batch
+            "pixels": pixels, **extra,  # uint8 frames + crop rows: see transform.prepare_batch
             "num_frames": num_frames,
             "input_ids": ids, "attention_mask": attn,
             "mlm_input_ids": mlm_ids, "mlm_labels": mlm_labels,
@@ -280,13 +287,19 @@ class VideoTextLoader:
 def build_loader(ann, tokenizer, *, batch_size, frames=8, size=224, train=True, seed=0,
                  num_workers=2, mask_ratio=0.5, rank=0, world_size=1, timeout=120.0,
                  decoder="auto", max_retries=10, drop_last=None, pin_memory=False, max_length=MAX_LENGTH,
-                 decode_timeout=None, mirror=0.0, crop_scale=(0.5, 1.0)):
+                 decode_timeout=None, mirror=0.0, crop_scale=(0.5, 1.0), device_transform=None):
     """A `VideoTextLoader` over `ann` for one rank. Training shuffles and drops the last partial
     batch; evaluation keeps order and everything. decode_timeout (seconds, None: off): abandon a
     decode that takes longer (see `DecoderProcess`); the loader's last-resort `timeout` is then
     raised to at least 4 x decode_timeout so a few hung files in one batch never trip it.
     mirror: that fraction of the samples also enters its batch mirrored (see `Collator`).
-    crop_scale: area range of the training crop (stills whose captions name places: near 1)."""
+    crop_scale: area range of the training crop (stills whose captions name places: near 1).
+    device_transform: batches carry uint8 frames + crop rows for `transform.prepare_batch` on the
+    device (True), or the workers run that same transform and send float32 pixels (False: for a
+    CPU-only run, where the device is the host and the training process should not do it).
+    None: True when pin_memory (batches bound for a GPU)."""
+    if device_transform is None:
+        device_transform = bool(pin_memory)
     dataset = VideoTextDataset(ann, frames, size, train, seed, max_retries, decoder,
                                decode_timeout=decode_timeout, crop_scale=crop_scale)
     if decode_timeout:
@@ -304,7 +317,7 @@ def build_loader(ann, tokenizer, *, batch_size, frames=8, size=224, train=True, 
                                               seed=seed, drop_last=False)
     loader = DataLoader(
         dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-        collate_fn=Collator(tokenizer, mask_ratio, max_length, seed, mirror),
+        collate_fn=Collator(tokenizer, mask_ratio, max_length, seed, mirror, device_transform),
         drop_last=train if drop_last is None else drop_last, pin_memory=pin_memory,
         worker_init_fn=_worker_init if num_workers else None,
         timeout=timeout if num_workers else 0, persistent_workers=num_workers > 0,

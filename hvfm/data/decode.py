@@ -156,9 +156,11 @@ def _resize_frames(frames, short_side):
     import torch.nn.functional as F
     n, h, w, _ = frames.shape
     nw, nh = decode_size(w, h, short_side)
-    x = torch.from_numpy(frames).permute(0, 3, 1, 2).float()
+    # uint8 in, uint8 out: torch's integer kernel for channels-last uint8 (about 10x faster on a
+    # CPU than a float resize); the same call as the device transform's first resize on a CPU.
+    x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2)
     x = F.interpolate(x, size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)
-    return x.round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
+    return x.permute(0, 2, 3, 1).contiguous().numpy()
 
 
 def decode_clip(path, num_frames, train=False, rng=None, short_side=None, decoder="auto",
