@@ -143,3 +143,16 @@ def test_loader_batches_equal_the_old_float_path(tmp_path):
         frames, _ = decode_clip(ann.resolve(i), 4, True, rng)
         ref, _ = VideoTransform(32, True)(_resize_frames(frames, 32), rng)
         assert (out[k] - ref).abs().max().item() <= ROUNDING
+
+
+def test_cpu_only_batches_are_transformed_in_the_worker_alike():
+    """collate_clips(device_transform=False) (a CPU-only run: the worker transforms) gives the
+    same pixels as the uint8 batch through prepare_batch; prepare_batch then only casts."""
+    from hvfm.data.transform import collate_clips
+    clips = [torch.from_numpy(_noise(3, 40, 56, s)) for s in range(2)]
+    rows = [draw_params(40, 56, 24, True, np.random.default_rng(s))[0] for s in range(2)]
+    on_device = prepare_batch(collate_clips(clips, rows, True), "cpu", torch.bfloat16)
+    in_worker = collate_clips(clips, rows, False)
+    assert "crop" not in in_worker and in_worker["pixels"].dtype == torch.float32
+    cast = prepare_batch(in_worker, "cpu", torch.bfloat16)
+    assert cast["pixels"].dtype == torch.bfloat16 and torch.equal(cast["pixels"], on_device["pixels"])
