@@ -75,6 +75,7 @@ if __package__ in (None, ""):
 from hvfm.data import DataError, build_loader, read_annotations, tokenize  # noqa: E402,F401
 from hvfm.data.annotations import Annotations  # noqa: E402
 from hvfm.data.text import clean_caption  # noqa: E402
+from hvfm.data.transform import prepare_batch  # noqa: E402  # device transform
 
 DSL_TEMP = 100.0
 RERANK_SCORES = ("sum", "prob", "logit")
@@ -222,25 +223,24 @@ class ClipDataset(torch.utils.data.Dataset):
     middles, resized and centre-cropped; a bad file is returned as an error, not replaced."""
 
     def __init__(self, ann, videos, frames, size, decoder="auto"):
-        from hvfm.data.transforms import VideoTransform
         self.ann, self.videos, self.frames, self.decoder = ann, list(videos), frames, decoder
         self.size = size
-        self.transform = VideoTransform(size, train=False)
 
     def __len__(self):
         return len(self.videos)
 
     def __getitem__(self, k):
         from hvfm.data.decode import DecodeError, decode_clip
+        from hvfm.data.transform import draw_params  # device transform
         v = int(self.videos[k])
-        path = self.ann.resolve(v)
+        path, file_size = self.ann.locate(v)  # device transform: one stat, shared with the decoder
         try:
-            frames, _ = decode_clip(path, self.frames, False, None, short_side=self.size,
-                                    decoder=self.decoder)
+            frames, _ = decode_clip(path, self.frames, False, None, decoder=self.decoder,  # device transform
+                                    file_size=file_size)  # device transform: the file's own size
         except DecodeError as e:
             return {"video": v, "pixels": None, "error": (str(path), e.reason)}
-        pixels, _ = self.transform(frames, None)
-        return {"video": v, "pixels": pixels, "error": None}
+        crop, _ = draw_params(frames.shape[1], frames.shape[2], self.size, False)  # device transform
+        return {"video": v, "pixels": torch.from_numpy(frames), "crop": crop, "error": None}  # device transform
 
 
 def _collate(samples):
@@ -248,12 +248,10 @@ def _collate(samples):
     failed = {s["video"]: s["error"] for s in samples if s["pixels"] is None}
     if not good:
         return {"videos": [], "pixels": None, "num_frames": None, "failed": failed}
-    t_max = max(s["pixels"].shape[0] for s in good)
-    pixels = torch.zeros(len(good), t_max, *good[0]["pixels"].shape[1:])
-    for i, s in enumerate(good):
-        pixels[i, : s["pixels"].shape[0]] = s["pixels"]
-    return {"videos": [s["video"] for s in good], "pixels": pixels,
-            "num_frames": torch.tensor([s["pixels"].shape[0] for s in good]), "failed": failed}
+    from hvfm.data.transform import collate_clips  # device transform: uint8 + crop rows for a GPU
+    clips = collate_clips([s["pixels"] for s in good], [s["crop"] for s in good],  # device transform
+                          device_transform=torch.cuda.is_available())  # device transform
+    return {"videos": [s["video"] for s in good], **clips, "failed": failed}  # device transform
 
 
 def clip_batches(ann, videos, frames, size, batch_size, workers):
@@ -373,7 +371,7 @@ def encode_videos(model, ann, videos, frames=8, size=96, batch_size=32, workers=
         failed.update(b["failed"])
         if not b["videos"]:
             continue
-        pixels = b["pixels"].to(model.device, dtype)
+        pixels = prepare_batch(b, model.device, dtype)["pixels"]  # device transform
         cols = [where[v] for v in b["videos"]]
         for view in range(views):
             rng, gen = (None, None) if drop_ratio is None else \
@@ -430,7 +428,7 @@ def vtm_scores(model, tokenizer, ann, captions, pair_text, pair_video, frames=8,
                   leave=False, file=sys.stderr):
         if not b["videos"]:
             continue
-        pixels = b["pixels"].to(model.device, dtype)
+        pixels = prepare_batch(b, model.device, dtype)["pixels"]  # device transform
         rng, gen = (None, None) if drop_ratio is None else \
             _view_rng(seed, 0, b["videos"][0], pixels.device)
         v = model.video(pixels, b["num_frames"], drop_ratio, rng, generator=gen)
@@ -701,7 +699,10 @@ def parse_args(argv=None):
     ap.add_argument("--frames", type=int, default=8)
     ap.add_argument("--size", type=int, default=None, help="frame side (default: the model's)")
     ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--workers", type=int, default=2)
+    from hvfm.data.dataset import default_workers  # device transform: --workers default
+    ap.add_argument("--workers", type=int, default=default_workers(),  # device transform
+                    help="loader worker processes (default: %(default)s here: min(8, cores - 1), "
+                         "at least 1)")
     ap.add_argument("--pool", choices=("auto", "joint", "mean"), default="auto",
                     help="frames in one sequence (joint) or each frame as an image, embeddings "
                          "averaged (mean); auto: mean for a plain CLIP folder, else joint")

@@ -109,7 +109,10 @@ def parse_args(argv=None):
                                        "trained on the captions)")
     d.add_argument("--frames", type=int, default=8, help="frames sampled per clip")
     d.add_argument("--size", type=int, default=None, help="frame side (default: the model's)")
-    d.add_argument("--workers", type=int, default=2, help="loader worker processes per rank")
+    from hvfm.data.dataset import default_workers  # device transform: --workers default
+    d.add_argument("--workers", type=int, default=default_workers(),  # device transform
+                   help="loader worker processes per rank (default: %(default)s here: min(8, cores "
+                        "per local rank - 1), at least 1)")
     d.add_argument("--batch-size", type=int, default=None,
                    help="clips (or images) per device and micro-step (default: the DeepSpeed "
                         f"config's; {BUILTIN_IMAGE['batch_size']} in the image stage on the built-in stills)")
@@ -615,6 +618,7 @@ def train(args, label=None):
     import torch
     import torch.distributed as dist
     from tqdm import tqdm
+    from hvfm.data.transform import prepare_batch  # device transform
 
     cuda = torch.cuda.is_available()
     if not args.verbose:
@@ -784,7 +788,7 @@ def train(args, label=None):
         for batch in loader:
             got_batch = True
             t_fetch = time.perf_counter()
-            batch["pixels"] = batch["pixels"].to(dtype)
+            batch = prepare_batch(batch, engine.device, dtype)  # device transform: uint8 -> crop/resize/normalise there
             # Every random choice of a step derives from (seed, step, micro-step, rank): a resumed
             # run draws exactly what the uninterrupted run drew.
             seeds = np.random.SeedSequence([args.seed, step, micro_step % accum, rank])

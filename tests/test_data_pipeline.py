@@ -10,6 +10,7 @@ from hvfm.data import (DataError, MLMMasker, ResumableDistributedSampler, VideoT
                        build_loader, build_tokenizer, clean_caption, load_tokenizer,
                        read_annotations, tokenize)
 from hvfm.data.text import swap_left_right
+from hvfm.data.transform import PARAMS, prepare_batch
 from hvfm.data.transforms import pixel_range
 from videos import BROKEN_KINDS, write_broken, write_clip
 
@@ -118,10 +119,20 @@ def _all(loader):
 
 def test_loader_batches_and_padding(tmp_path, tokenizer):
     ann = _corpus(tmp_path)
-    loader = build_loader(ann, tokenizer, batch_size=4, frames=8, size=32, num_workers=0, seed=1)
+    loader = build_loader(ann, tokenizer, batch_size=4, frames=8, size=32, num_workers=0, seed=1,
+                          device_transform=True)
     batches = _all(loader)
     assert len(batches) == 3
     b = batches[0]
+    # Workers send uint8 frames at the decoder's size and a crop row per sample ...
+    assert b["pixels"].dtype == torch.uint8 and b["pixels"].shape == (4, 8, 48, 64, 3)
+    assert b["crop"].shape == (4, len(PARAMS))
+    # ... which the device transform turns into model pixels; a CPU-only loader runs the same
+    # function in its workers (pin_memory off: device_transform defaults to False).
+    b = prepare_batch(b, "cpu")
+    host = _all(build_loader(ann, tokenizer, batch_size=4, frames=8, size=32, num_workers=0, seed=1))
+    assert "crop" not in host[0] and torch.equal(host[0]["pixels"], b["pixels"])
+    assert "crop" not in b and b["pixels"].dtype == torch.float32
     assert b["pixels"].shape[0] == 4 and b["pixels"].shape[2:] == (3, 32, 32)
     assert b["input_ids"].shape == b["mlm_labels"].shape == b["attention_mask"].shape
     for i, n in enumerate(b["num_frames"].tolist()):

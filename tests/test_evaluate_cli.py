@@ -14,6 +14,7 @@ import torch
 from hvfm.data import read_annotations
 from hvfm.data.synthetic import generate
 from hvfm.data.text import build_tokenizer, clean_caption
+from hvfm.data.transform import prepare_batch
 from hvfm.evaluate import (ClipDataset, _collate, dual_softmax, evaluate, main, retrieval_metrics,
                            topk_indices)
 from hvfm.export import load_export, save_export
@@ -100,7 +101,7 @@ def test_clip_folder_is_the_image_baseline(env, capsys, tmp_path):
     assert m["kind"] == "clip" and m["pool"] == "mean"
     hf = CLIPModel.from_pretrained(str(env["clip"])).eval()
     ann = env["ann"]
-    batch = _collate([ClipDataset(ann, range(6), 2, 32)[i] for i in range(6)])
+    batch = prepare_batch(_collate([ClipDataset(ann, range(6), 2, 32)[i] for i in range(6)]), "cpu")  # device transform
     from hvfm.data.text import load_tokenizer
     tok = load_tokenizer(env["clip"])
     enc = tok(list(ann.pair_caption), padding=True, return_tensors="pt")
@@ -133,7 +134,7 @@ def test_dsl_and_rerank_through_the_model(env, capsys, tmp_path):
     assert (r5["t2v_r5"], r5["v2t_r5"]) == (base["t2v_r5"], base["v2t_r5"]) and r5["rerank_k"] == 5
     full = evaluate(model, tok, ann, rerank_k=6, rerank_score="prob", **kw)
     both = evaluate(model, tok, ann, rerank_k=6, **kw)  # default: VTM log-odds + VTC logit
-    batch = _collate([ClipDataset(ann, range(6), 4, 32)[i] for i in range(6)])
+    batch = prepare_batch(_collate([ClipDataset(ann, range(6), 4, 32)[i] for i in range(6)]), "cpu")  # device transform
     caps = list(ann.pair_caption)
     enc = tok(caps, padding=True, return_tensors="pt")
     vtm = np.zeros((6, 6))
@@ -199,7 +200,7 @@ def test_multiple_choice(env, capsys, tmp_path, by):
     # the same choice from the model by hand
     model, tok = load_export(env["final"])
     ann = env["ann"]
-    batch = _collate([ClipDataset(ann, range(6), 4, 32)[i] for i in range(6)])
+    batch = prepare_batch(_collate([ClipDataset(ann, range(6), 4, 32)[i] for i in range(6)]), "cpu")  # device transform
     hits = []
     with torch.no_grad():
         for q, clip_i in zip(questions, range(6)):

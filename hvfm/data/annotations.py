@@ -51,6 +51,36 @@ class StringColumn:
     def __iter__(self):
         return (self[i] for i in range(len(self)))
 
+    @classmethod
+    def from_parts(cls, buffer, offsets):
+        col = cls.__new__(cls)
+        col.buffer, col.offsets = buffer, offsets
+        return col
+
+    @property
+    def nbytes(self):
+        return self.buffer.nbytes + self.offsets.nbytes
+
+
+class StringColumnBuilder:
+    """Appends strings to one growing utf-8 buffer (no Python string per row is kept)."""
+
+    def __init__(self):
+        from array import array
+        self._buffer, self._ends = bytearray(), array("q")
+
+    def append(self, s):
+        self._buffer += s.encode("utf-8")
+        self._ends.append(len(self._buffer))
+
+    def __len__(self):
+        return len(self._ends)
+
+    def build(self):
+        offsets = np.zeros(len(self._ends) + 1, dtype=np.int64)
+        offsets[1:] = np.frombuffer(self._ends, dtype=np.int64) if len(self._ends) else []
+        return StringColumn.from_parts(np.frombuffer(bytes(self._buffer), dtype=np.uint8), offsets)
+
 
 class Annotations:
     """Videos under one root, each with one or more captions.
@@ -61,17 +91,25 @@ class Annotations:
     video_pairs     CSR offsets: the pairs of video i are video_pairs[i]:video_pairs[i+1]
     """
 
-    def __init__(self, source, root, videos, captions, alt_videos=None, extra=None, dropped=0):
+    def __init__(self, source, root, videos, captions, alt_videos=None, extra=None, dropped=0,
+                 shard=None):
         self.source = str(source)
         self.root = Path(root)
-        self.videos = StringColumn(videos)
-        self.alt_videos = StringColumn(alt_videos if alt_videos is not None else [""] * len(videos))
-        counts = np.array([len(c) for c in captions], dtype=np.int64)
+        self.videos = _column(videos)
+        self.alt_videos = _column(alt_videos if alt_videos is not None else [""] * len(videos))
+        if isinstance(captions, StringColumn):  # one caption per video (a WebVid CSV)
+            counts = np.ones(len(captions), dtype=np.int64)
+            self.pair_caption = captions
+        else:
+            counts = np.array([len(c) for c in captions], dtype=np.int64)
+            self.pair_caption = StringColumn([c for caps in captions for c in caps])
         self.video_pairs = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-        self.pair_video = np.repeat(np.arange(len(videos), dtype=np.int64), counts)
-        self.pair_caption = StringColumn([c for caps in captions for c in caps])
+        self.pair_video = np.repeat(np.arange(len(self.videos), dtype=np.int64), counts)
         self.extra = extra or []
         self.dropped = dropped  # rows without a usable video id or caption, reported by the loader
+        # (rank, world_size, rows): this object holds only the data rows i with i % world_size ==
+        # rank of a file of `rows` data rows (a CSV read for one rank); None: all of it.
+        self.shard = shard
 
     @property
     def num_videos(self):
@@ -87,17 +125,40 @@ class Annotations:
     def resolve(self, video_index):
         """Path of video i: the primary layout if it exists, else the other one, else the primary
         (a missing file is reported by the decoder as 'missing file')."""
+        return self.locate(video_index)[0]
+
+    def locate(self, video_index):
+        """(path, size in bytes) of video i, as `resolve` finds it, with one stat when the file is
+        where the layout says (the decoder takes the size and does not stat again). Size -1: the
+        file is missing in both layouts; None: it could not be stat-ed (the decoder says why)."""
         primary = self.root / self.videos[video_index]
-        if primary.exists():
-            return primary
+        size = _size(primary)
+        if size is not None and size >= 0:
+            return primary, size
         alt = self.alt_videos[video_index]
-        if alt and (self.root / alt).exists():
-            return self.root / alt
-        return primary
+        if alt:
+            alt_size = _size(self.root / alt)
+            if alt_size is not None and alt_size >= 0:
+                return self.root / alt, alt_size
+        return primary, size
 
     def __repr__(self):
         return (f"Annotations({self.source!r}, root={str(self.root)!r}, videos={self.num_videos}, "
                 f"pairs={len(self)}, dropped={self.dropped})")
+
+
+def _column(strings):
+    return strings if isinstance(strings, StringColumn) else StringColumn(strings)
+
+
+def _size(path):
+    """st_size of `path`; -1 when it does not exist, None when it cannot be stat-ed otherwise."""
+    try:
+        return os.stat(path).st_size
+    except (FileNotFoundError, NotADirectoryError):
+        return -1
+    except OSError:
+        return None
 
 
 def _check_root(root, source):
@@ -120,10 +181,18 @@ def _check_file(path):
     return path
 
 
-def read_webvid_csv(path, video_root, clean=None):
-    """Read a WebVid CSV. `clean` maps a raw caption to the training caption (None: keep)."""
+def read_webvid_csv(path, video_root, clean=None, rank=0, world_size=1):
+    """Read a WebVid CSV. `clean` maps a raw caption to the training caption (None: keep).
+
+    With world_size > 1 only this rank's rows are kept: data rows i with i % world_size == rank
+    (`Annotations.shard` says so, and `build_loader` then samples within them). The file is
+    streamed row by row; only the videoid, page_dir and name columns of the kept rows are stored,
+    appended to flat utf-8 buffers: a rank of a 10M-row run holds its own 10M / world_size rows
+    as a few numpy arrays, never a Python object per row."""
     path = _check_file(path)
     root = _check_root(video_root, path)
+    if not (isinstance(world_size, int) and world_size >= 1 and 0 <= rank < world_size):
+        raise ValueError(f"{path}: rank {rank!r} of world size {world_size!r} is not a valid shard")
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
     with open(path, newline="", encoding="utf-8") as f:
         reader = csv.reader(f)
@@ -135,14 +204,20 @@ def read_webvid_csv(path, video_root, clean=None):
         if missing:
             raise DataError(f"{path}: missing column(s) {', '.join(missing)}; a WebVid CSV has the "
                             f"header {','.join(WEBVID_COLUMNS)}")
-        col = {name: header.index(name) for name in (*REQUIRED_WEBVID_COLUMNS, "page_dir") if name in header}
-        videos, alts, captions, dropped = [], [], [], 0
+        i_vid, i_name = (header.index(c) for c in REQUIRED_WEBVID_COLUMNS)
+        i_page = header.index("page_dir") if "page_dir" in header else None
+        videos, alts, captions = StringColumnBuilder(), StringColumnBuilder(), StringColumnBuilder()
+        rows = dropped = 0
         for row in reader:
             if not row:
                 continue
+            mine = rows % world_size == rank
+            rows += 1
+            if not mine:
+                continue
             try:
-                vid, name = (row[col[c]].strip() for c in REQUIRED_WEBVID_COLUMNS)
-                page = row[col["page_dir"]].strip() if "page_dir" in col else ""
+                vid, name = row[i_vid].strip(), row[i_name].strip()
+                page = row[i_page].strip() if i_page is not None else ""
             except IndexError:
                 dropped += 1
                 continue
@@ -152,11 +227,13 @@ def read_webvid_csv(path, video_root, clean=None):
                 continue
             alts.append(f"{vid}.mp4")
             videos.append(f"{page}/{vid}.mp4" if page else f"{vid}.mp4")
-            captions.append([caption])
-    if not videos:
-        raise DataError(f"{path}: no usable rows (every row lacks a videoid or a caption)")
-    videos, alts = _detect_layout(path, root, videos, alts)
-    return Annotations(path, root, videos, captions, alts, dropped=dropped)
+            captions.append(caption)
+    if not len(videos):
+        which = f" of rank {rank} (rows i % {world_size} == {rank})" if world_size > 1 else ""
+        raise DataError(f"{path}: no usable rows{which} (every row lacks a videoid or a caption)")
+    videos, alts = _detect_layout(path, root, videos.build(), alts.build())
+    return Annotations(path, root, videos, captions.build(), alts, dropped=dropped,
+                       shard=(rank, world_size, rows) if world_size > 1 else None)
 
 
 def _detect_layout(source, root, videos, alts):
@@ -213,8 +290,9 @@ def read_json(path, video_root, paragraph=False, clean=None):
     return Annotations(path, root, videos, captions, extra=extra)
 
 
-def read_annotations(path, video_root, paragraph=False, clean=None):
-    """A WebVid CSV (by its .csv suffix) or a JSON list, whichever `path` is."""
+def read_annotations(path, video_root, paragraph=False, clean=None, rank=0, world_size=1):
+    """A WebVid CSV (by its .csv suffix) or a JSON list, whichever `path` is. A CSV is read for
+    one rank when world_size > 1 (see `read_webvid_csv`); a JSON list is always read whole."""
     if os.fspath(path).lower().endswith(".csv"):
-        return read_webvid_csv(path, video_root, clean=clean)
+        return read_webvid_csv(path, video_root, clean=clean, rank=rank, world_size=world_size)
     return read_json(path, video_root, paragraph=paragraph, clean=clean)

@@ -14,6 +14,15 @@ number of skips is a function of (seed, epoch, the indices drawn, the set of bad
 A clip with at least one decodable frame is a (short) sample, zero-padded in the batch; a clip
 with zero decodable frames is a bad file.
 
+Workers send uint8 frames at the size the decoder gave them (a file whose short side is more than
+twice the training size is shrunk to it first, so a 4K file does not cross as 4K) and one row of
+crop parameters per sample, drawn here as before; `transform.prepare_batch` crops, resizes and
+normalises on the device (see hvfm/data/transform.py). The batch's "pixels" are therefore uint8
+(B, T, H, W, 3) with a "crop" tensor beside them until `prepare_batch` turns them into the float
+(B, T, 3, size, size) the model takes. Without a GPU (`device_transform=False`, the default when
+the loader does not pin memory) the workers' collate runs that same function, so a CPU run keeps
+the transform off the training process; `prepare_batch` then only moves and casts.
+
 Hung and crashing decoders: with `decode_timeout` (seconds) every decode runs in a
 `DecoderProcess` child that is killed after that long (or when it crashes) and replaced; the
 sample counts as a skip of kind "timeout" (or "crash"). The DataLoader `timeout` stays as a last
@@ -28,10 +37,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .decode import DecodeError, DecoderProcess, decode_clip
+from .decode import DecodeError, DecoderProcess, _resize_frames, decode_clip
 from .errors import DataError
 from .text import MAX_LENGTH, MLMMasker, swap_left_right, swap_top_bottom, tokenize
-from .transforms import VideoTransform
+from .transform import collate_frames, draw_params, mirror_params, to_model_pixels
 
 log = logging.getLogger("hvfm.data")
 
@@ -49,7 +58,7 @@ class VideoTextDataset(Dataset):
         self.ann, self.frames, self.size, self.train = ann, frames, size, train
         self.seed, self.max_retries, self.decoder = seed, max_retries, decoder
         self.min_frames, self.swap_lr_on_flip = min_frames, swap_lr_on_flip
-        self.transform = VideoTransform(size, train, hflip=hflip if train else 0.0, scale=crop_scale)
+        self.hflip, self.crop_scale = (hflip if train else 0.0), crop_scale
         self.watchdog = DecoderProcess(decode_timeout) if decode_timeout else None
 
     def __len__(self):
@@ -57,19 +66,23 @@ class VideoTextDataset(Dataset):
 
     def _load(self, pair, rng):
         video = int(self.ann.pair_video[pair])
-        path = self.ann.resolve(video)
+        path, file_size = self.ann.locate(video)  # the clip's one stat, shared with the decoder
         if self.watchdog is not None:
-            frames = self.watchdog.decode(path, self.frames, self.train, rng, self.size, self.decoder)
+            frames = self.watchdog.decode(path, self.frames, self.train, rng, None, self.decoder,
+                                          file_size)
         else:
-            frames, _ = decode_clip(path, self.frames, self.train, rng, short_side=self.size,
-                                    decoder=self.decoder)
+            frames, _ = decode_clip(path, self.frames, self.train, rng, decoder=self.decoder,
+                                    file_size=file_size)
         if len(frames) < self.min_frames:
             raise DecodeError(path, f"{len(frames)} frame(s), fewer than the {self.min_frames} required")
-        pixels, flipped = self.transform(frames, rng)
+        if min(frames.shape[1:3]) > 2 * self.size:
+            frames = _resize_frames(frames, self.size)
+        crop, flipped = draw_params(frames.shape[1], frames.shape[2], self.size, self.train, rng,
+                                    self.crop_scale, self.hflip)
         caption = self.ann.pair_caption[pair]
         if flipped and self.swap_lr_on_flip:
             caption = swap_left_right(caption)
-        return pixels, caption
+        return torch.from_numpy(np.ascontiguousarray(frames)), crop, caption
 
     def replacement(self, index, epoch, attempt):
         """The pair that stands in for `index` at its `attempt`-th (>= 1) failed try."""
@@ -85,9 +98,9 @@ class VideoTextDataset(Dataset):
             else:
                 rng = _rng(self.seed, epoch, index)
             try:
-                pixels, caption = self._load(pair, rng)
-                return {"pixels": pixels, "caption": caption, "index": pair, "epoch": epoch,
-                        "failures": failures}
+                pixels, crop, caption = self._load(pair, rng)
+                return {"pixels": pixels, "crop": crop, "caption": caption, "index": pair,
+                        "epoch": epoch, "failures": failures}
             except DecodeError as e:
                 # (path, reason, kind, attempt): attempt 0 is the row the sampler drew
                 failures.append((e.path, e.reason, e.kind, attempt))
@@ -100,14 +113,18 @@ class ResumableDistributedSampler(Sampler):
     """Shards a (shuffled) permutation across ranks like DistributedSampler, yields (index, epoch)
     and can start mid-epoch (`start`, in samples of this rank) for exact resumption."""
 
-    def __init__(self, n, num_replicas=1, rank=0, shuffle=True, seed=0, drop_last=False):
+    def __init__(self, n, num_replicas=1, rank=0, shuffle=True, seed=0, drop_last=False,
+                 num_samples=None):
+        """num_samples: samples per rank (default: n / num_replicas, rounded as drop_last
+        says); with num_replicas=1 over a rank's own rows (a sharded CSV) it is the count every
+        rank draws, the permutation wrapped as needed."""
         if n == 0:
             raise DataError("the dataset is empty: no samples to draw")
         self.n, self.num_replicas, self.rank = n, num_replicas, rank
         self.shuffle, self.seed, self.drop_last = shuffle, seed, drop_last
         self.epoch, self.start = 0, 0
         per_rank = n // num_replicas if drop_last else math.ceil(n / num_replicas)
-        self.num_samples = per_rank
+        self.num_samples = per_rank if num_samples is None else int(num_samples)
 
     def set_epoch(self, epoch, start=0):
         self.epoch, self.start = epoch, start
@@ -122,7 +139,7 @@ class ResumableDistributedSampler(Sampler):
             order = np.arange(self.n)
         total = self.num_samples * self.num_replicas
         if total > self.n:  # pad by wrapping so every rank gets the same count
-            order = np.concatenate([order, np.resize(order, total - self.n)])
+            order = np.resize(order, total)
         return order[:total][self.rank::self.num_replicas]
 
     def __iter__(self):
@@ -139,28 +156,29 @@ class Collator:
     so a contrastive loss cannot be met by colour and shape alone (within the built-in stage 1's
     budget it did not teach place either: README, "How time gets in")."""
 
-    def __init__(self, tokenizer, mask_ratio=0.5, max_length=MAX_LENGTH, seed=0, mirror=0.0):
+    def __init__(self, tokenizer, mask_ratio=0.5, max_length=MAX_LENGTH, seed=0, mirror=0.0,
+                 device_transform=True):
         self.tokenizer, self.max_length, self.seed = tokenizer, max_length, seed
         self.masker = MLMMasker(tokenizer, mask_ratio)
         self.mirror = float(mirror)
+        self.device_transform = device_transform
 
     def _mirrored(self, s):
         draw = _rng(self.seed, s["epoch"], s["index"], 0x5EE).random(2)
         if draw[0] >= self.mirror:
             return None
         vertical = draw[1] < 0.5
-        pixels = s["pixels"].flip(-2 if vertical else -1)
         caption = (swap_top_bottom if vertical else swap_left_right)(s["caption"])
-        return {**s, "pixels": pixels, "caption": caption, "failures": []}
+        return {**s, "crop": mirror_params(s["crop"], vertical), "caption": caption, "failures": []}
 
     def __call__(self, samples):
         if self.mirror:
             samples = list(samples) + [m for m in map(self._mirrored, samples) if m is not None]
-        t_max = max(s["pixels"].shape[0] for s in samples)
-        c, h, w = samples[0]["pixels"].shape[1:]
-        pixels = torch.zeros(len(samples), t_max, c, h, w)
-        for i, s in enumerate(samples):
-            pixels[i, : s["pixels"].shape[0]] = s["pixels"]
+        pixels, crop, num_frames = collate_frames([s["pixels"] for s in samples],
+                                                  [s["crop"] for s in samples])
+        extra = {"crop": crop}
+        if not self.device_transform:  # the device is this CPU: spare the training process
+            pixels, extra = to_model_pixels(pixels, crop, num_frames), {}
         captions = [s["caption"] for s in samples]
         ids, attn, special = tokenize(self.tokenizer, captions, self.max_length)
         index = torch.tensor([s["index"] for s in samples], dtype=torch.int64)
@@ -169,13 +187,32 @@ class Collator:
         mlm_ids, mlm_labels = self.masker(ids, attn, special, gen)
         failures = [f for s in samples for f in s["failures"]]
         return {
-            "pixels": pixels,
-            "num_frames": torch.tensor([s["pixels"].shape[0] for s in samples], dtype=torch.int64),
+            "pixels": pixels, **extra,  # uint8 frames + crop rows: see transform.prepare_batch
+            "num_frames": num_frames,
             "input_ids": ids, "attention_mask": attn,
             "mlm_input_ids": mlm_ids, "mlm_labels": mlm_labels,
             "captions": captions, "index": index,
             "failures": failures, "n_skipped": len(failures),
         }
+
+
+def default_workers(cpus=None, local_ranks=None):
+    """Loader workers per rank when --workers is not given: one core per rank stays with the
+    training process, the rest decode, at most 8: min(8, cpus // local ranks - 1), at least 1.
+    cpus: the cores this process may run on; local ranks: LOCAL_WORLD_SIZE (set by the deepspeed
+    launcher and torchrun), else 1."""
+    import os
+    if cpus is None:
+        try:
+            cpus = len(os.sched_getaffinity(0))
+        except AttributeError:  # not Linux
+            cpus = os.cpu_count() or 1
+    if local_ranks is None:
+        try:
+            local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        except ValueError:
+            local_ranks = 1
+    return max(1, min(8, cpus // max(1, local_ranks) - 1))
 
 
 def _worker_init(worker_id):
@@ -250,22 +287,37 @@ class VideoTextLoader:
 def build_loader(ann, tokenizer, *, batch_size, frames=8, size=224, train=True, seed=0,
                  num_workers=2, mask_ratio=0.5, rank=0, world_size=1, timeout=120.0,
                  decoder="auto", max_retries=10, drop_last=None, pin_memory=False, max_length=MAX_LENGTH,
-                 decode_timeout=None, mirror=0.0, crop_scale=(0.5, 1.0)):
+                 decode_timeout=None, mirror=0.0, crop_scale=(0.5, 1.0), device_transform=None):
     """A `VideoTextLoader` over `ann` for one rank. Training shuffles and drops the last partial
     batch; evaluation keeps order and everything. decode_timeout (seconds, None: off): abandon a
     decode that takes longer (see `DecoderProcess`); the loader's last-resort `timeout` is then
     raised to at least 4 x decode_timeout so a few hung files in one batch never trip it.
     mirror: that fraction of the samples also enters its batch mirrored (see `Collator`).
-    crop_scale: area range of the training crop (stills whose captions name places: near 1)."""
+    crop_scale: area range of the training crop (stills whose captions name places: near 1).
+    device_transform: batches carry uint8 frames + crop rows for `transform.prepare_batch` on the
+    device (True), or the workers run that same transform and send float32 pixels (False: for a
+    CPU-only run, where the device is the host and the training process should not do it).
+    None: True when pin_memory (batches bound for a GPU)."""
+    if device_transform is None:
+        device_transform = bool(pin_memory)
     dataset = VideoTextDataset(ann, frames, size, train, seed, max_retries, decoder,
                                decode_timeout=decode_timeout, crop_scale=crop_scale)
     if decode_timeout:
         timeout = max(timeout, 4 * decode_timeout)
-    sampler = ResumableDistributedSampler(len(dataset), world_size, rank, shuffle=train, seed=seed,
-                                          drop_last=False)
+    shard = getattr(ann, "shard", None)
+    if shard is not None:  # the annotations hold this rank's rows only: sample within them
+        if tuple(shard[:2]) != (rank, world_size):
+            raise DataError(f"{ann.source}: read for rank {shard[0]} of {shard[1]}, loaded by rank "
+                            f"{rank} of {world_size}; pass the same rank and world size to "
+                            f"read_annotations and build_loader")
+        sampler = ResumableDistributedSampler(len(dataset), 1, 0, shuffle=train,
+                                              seed=seed, num_samples=math.ceil(shard[2] / world_size))
+    else:
+        sampler = ResumableDistributedSampler(len(dataset), world_size, rank, shuffle=train,
+                                              seed=seed, drop_last=False)
     loader = DataLoader(
         dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-        collate_fn=Collator(tokenizer, mask_ratio, max_length, seed, mirror),
+        collate_fn=Collator(tokenizer, mask_ratio, max_length, seed, mirror, device_transform),
         drop_last=train if drop_last is None else drop_last, pin_memory=pin_memory,
         worker_init_fn=_worker_init if num_workers else None,
         timeout=timeout if num_workers else 0, persistent_workers=num_workers > 0,
