@@ -57,6 +57,10 @@ annotation file or checkpoint folder fails in one line: `error: ...`, exit code 
 
 Under torchrun / the deepspeed launcher every rank encodes a contiguous shard of the videos and
 captions (and of the re-rank pairs) and the results are all-gathered; rank 0 prints.
+
+Where things are: the metrics (pure functions of score matrices) in `hvfm.metrics`; the clips
+(training's dataset and collate) and the annotation readers in `hvfm.data.eval_data`; here the
+CLI, checkpoint loading, encoding and the orchestration. The moved names stay importable from here.
 """
 from __future__ import annotations
 
