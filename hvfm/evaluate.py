@@ -57,6 +57,10 @@ annotation file or checkpoint folder fails in one line: `error: ...`, exit code 
 
 Under torchrun / the deepspeed launcher every rank encodes a contiguous shard of the videos and
 captions (and of the re-rank pairs) and the results are all-gathered; rank 0 prints.
+
+Where things are: the metrics (pure functions of score matrices) in `hvfm.metrics`; the clips
+(training's dataset and collate) and the annotation readers in `hvfm.data.eval_data`; here the
+CLI, checkpoint loading, encoding and the orchestration. The moved names stay importable from here.
 """
 from __future__ import annotations
 
@@ -73,117 +77,19 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hvfm.data import DataError, build_loader, read_annotations, tokenize  # noqa: E402,F401
-from hvfm.data.annotations import Annotations  # noqa: E402
+from hvfm.data.eval_data import (ClipDataset, EvalClipDataset, EvalCollator,  # noqa: E402,F401
+                                 clip_batches, detect_format, missing_videos,
+                                 read_multiple_choice, subset_annotations)
 from hvfm.data.text import clean_caption  # noqa: E402
 from hvfm.data.transform import prepare_batch  # noqa: E402  # device transform
+# The pure metrics live in hvfm.metrics; imported here for this module and re-exported for the
+# callers that import them from hvfm.evaluate.
+from hvfm.metrics import (DSL_TEMP, dual_softmax, mc_accuracy, mc_option_scores,  # noqa: E402,F401
+                          mean_similarity, ranks, recall_metrics, rerank, rerank_pairs,
+                          rerank_sum, rerank_topk, retrieval_metrics, temporal_accuracy,
+                          topk_indices)
 
-DSL_TEMP = 100.0
 RERANK_SCORES = ("sum", "prob", "logit")
-
-
-# ============================================================================ metrics (pure)
-
-def ranks(scores, correct):
-    """Rank (1 = best) of each row's best correct column; ties count against: rank = 1 + the
-    number of wrong columns scoring at least as high as the best correct one."""
-    scores = np.asarray(scores, dtype=np.float64)
-    best = np.where(correct, scores, -np.inf).max(1, keepdims=True)
-    return 1 + ((scores >= best) & ~correct).sum(1)
-
-
-def recall_metrics(r, prefix):
-    return {**{f"{prefix}_r{k}": float(100.0 * np.mean(r <= k)) for k in (1, 5, 10)},
-            f"{prefix}_medr": float(np.median(r)), f"{prefix}_meanr": float(np.mean(r))}
-
-
-def retrieval_metrics(scores, text_video, v2t_scores=None):
-    """scores (n_text, n_video) ranked per row for text-to-video; text_video[i] the video of
-    caption i. Video-to-text ranks the columns of `v2t_scores` (same orientation; default
-    `scores`) and counts a hit when any of the video's captions ranks high enough."""
-    scores = np.asarray(scores)
-    v2t_scores = scores if v2t_scores is None else np.asarray(v2t_scores)
-    text_video = np.asarray(text_video)
-    correct = text_video[:, None] == np.arange(scores.shape[1])[None, :]
-    return {**recall_metrics(ranks(scores, correct), "t2v"),
-            **recall_metrics(ranks(v2t_scores.T, correct.T), "v2t")}
-
-
-def temporal_accuracy(scores, text_video, groups, kinds=None, tie_tol=1e-5):
-    """Within each group of videos, how often a caption's own video scores highest.
-
-    Ties are broken at random in expectation: a caption whose video shares the top score with
-    k - 1 others (within `tie_tol`) scores 1/k. So a model that cannot tell a group's clips apart
-    (e.g. one frame of clips that share their middle frame) scores exactly the chance level.
-    Returns overall and per-kind accuracy and the chance level (mean of 1/group size)."""
-    scores, text_video, groups = np.asarray(scores), np.asarray(text_video), np.asarray(groups)
-    hits, chance, per_kind = [], [], {}
-    for i, v in enumerate(text_video):
-        members = np.nonzero(groups == groups[v])[0]
-        s = scores[i, members]
-        own = scores[i, v]
-        top = s.max()
-        tied = np.abs(s - top) <= tie_tol
-        hit = 1.0 / tied.sum() if abs(own - top) <= tie_tol else 0.0
-        hits.append(hit)
-        chance.append(1.0 / len(members))
-        if kinds is not None:
-            per_kind.setdefault(kinds[v], []).append(hit)
-    out = {"temporal_acc": float(np.mean(hits)), "temporal_chance": float(np.mean(chance))}
-    for kind, h in sorted(per_kind.items()):
-        out[f"temporal_acc_{kind}"] = float(np.mean(h))
-    return out
-
-
-def _softmax(x, axis):
-    x = x - x.max(axis=axis, keepdims=True)
-    e = np.exp(x)
-    return e / e.sum(axis=axis, keepdims=True)
-
-
-def dual_softmax(scores, temp=DSL_TEMP):
-    """Dual-softmax re-scoring of a (n_text, n_video) similarity matrix S. Returns
-    (t2v, v2t), both (n_text, n_video):  t2v = S * softmax(temp * S, axis=0) (over the texts,
-    per video), v2t = S * softmax(temp * S, axis=1) (over the videos, per text)."""
-    s = np.asarray(scores, dtype=np.float64)
-    return s * _softmax(temp * s, 0), s * _softmax(temp * s, 1)
-
-
-def topk_indices(scores, k):
-    """(n_rows, min(k, n_cols)) column indices of each row's k highest scores, best first
-    (ties: lower column first)."""
-    scores = np.asarray(scores, dtype=np.float64)
-    k = min(int(k), scores.shape[1])
-    return np.argsort(-scores, axis=1, kind="stable")[:, :k]
-
-
-def rerank_topk(scores, top, values):
-    """Re-rank the columns `top` (n_rows, k) of each row by `values` (n_rows, k), above the other
-    columns, which keep their scores and order. The top-k of row i get
-    floor_i + 1 + (values - min(values_i)), floor_i the row's best score outside its top-k."""
-    out = np.array(scores, dtype=np.float64)
-    top, values = np.asarray(top), np.asarray(values, dtype=np.float64)
-    if top.size == 0:
-        return out
-    rows = np.arange(out.shape[0])[:, None]
-    rest = out.copy()
-    rest[rows, top] = -np.inf
-    floor = rest.max(1, keepdims=True)
-    floor = np.where(np.isfinite(floor), floor, 0.0)
-    out[rows, top] = floor + 1.0 + (values - values.min(1, keepdims=True))
-    return out
-
-
-def mc_accuracy(pair_scores, video_pairs, answers, tie_tol=1e-6):
-    """Multiple-choice accuracy (fraction) and chance. Question q's options are the pairs
-    video_pairs[q]:video_pairs[q+1]; a k-way tie at the top that includes the answer earns 1/k."""
-    pair_scores = np.asarray(pair_scores, dtype=np.float64)
-    hits, chance = [], []
-    for q, answer in enumerate(answers):
-        s = pair_scores[video_pairs[q]:video_pairs[q + 1]]
-        tied = np.abs(s - s.max()) <= tie_tol
-        hits.append(1.0 / tied.sum() if tied[answer] else 0.0)
-        chance.append(1.0 / len(s))
-    return float(np.mean(hits)), float(np.mean(chance))
 
 
 # ============================================================================ sharding
@@ -216,114 +122,6 @@ def all_gather_list(obj, world):
     return out
 
 
-# ============================================================================ data
-
-class ClipDataset(torch.utils.data.Dataset):
-    """Evaluation clips of the videos `videos` (indices into `ann`): F frames at the segment
-    middles, resized and centre-cropped; a bad file is returned as an error, not replaced."""
-
-    def __init__(self, ann, videos, frames, size, decoder="auto"):
-        self.ann, self.videos, self.frames, self.decoder = ann, list(videos), frames, decoder
-        self.size = size
-
-    def __len__(self):
-        return len(self.videos)
-
-    def __getitem__(self, k):
-        from hvfm.data.decode import DecodeError, decode_clip
-        from hvfm.data.transform import draw_params  # device transform
-        v = int(self.videos[k])
-        path, file_size = self.ann.locate(v)  # device transform: one stat, shared with the decoder
-        try:
-            frames, _ = decode_clip(path, self.frames, False, None, decoder=self.decoder,  # device transform
-                                    file_size=file_size)  # device transform: the file's own size
-        except DecodeError as e:
-            return {"video": v, "pixels": None, "error": (str(path), e.reason)}
-        crop, _ = draw_params(frames.shape[1], frames.shape[2], self.size, False)  # device transform
-        return {"video": v, "pixels": torch.from_numpy(frames), "crop": crop, "error": None}  # device transform
-
-
-def _collate(samples):
-    good = [s for s in samples if s["pixels"] is not None]
-    failed = {s["video"]: s["error"] for s in samples if s["pixels"] is None}
-    if not good:
-        return {"videos": [], "pixels": None, "num_frames": None, "failed": failed}
-    from hvfm.data.transform import collate_clips  # device transform: uint8 + crop rows for a GPU
-    clips = collate_clips([s["pixels"] for s in good], [s["crop"] for s in good],  # device transform
-                          device_transform=torch.cuda.is_available())  # device transform
-    return {"videos": [s["video"] for s in good], **clips, "failed": failed}  # device transform
-
-
-def clip_batches(ann, videos, frames, size, batch_size, workers):
-    """Batches (videos, pixels, num_frames, failed) of `videos`, in order."""
-    from hvfm.data.dataset import _worker_init
-    ds = ClipDataset(ann, videos, frames, size)
-    if len(ds) == 0:
-        return iter(())
-    return iter(torch.utils.data.DataLoader(
-        ds, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=_collate,
-        worker_init_fn=_worker_init if workers else None, timeout=300 if workers else 0))
-
-
-def subset_annotations(ann, keep):
-    """The annotation restricted to the videos `keep` (sorted indices), captions in order."""
-    keep = [int(v) for v in keep]
-    return Annotations(ann.source, ann.root, [ann.videos[v] for v in keep],
-                       [ann.captions_of(v) for v in keep], [ann.alt_videos[v] for v in keep],
-                       extra=[ann.extra[v] for v in keep] if ann.extra else [], dropped=ann.dropped)
-
-
-def _missing_videos(ann):
-    return [v for v in range(ann.num_videos) if not ann.resolve(v).exists()]
-
-
-def read_multiple_choice(path, video_root, clean=clean_caption):
-    """(Annotations whose captions are each question's options, answers) of a JSON list of
-    {"video", "options": [text, ...], "answer": index}."""
-    from hvfm.data.annotations import _check_file, _check_root
-    path = _check_file(path)
-    root = _check_root(video_root, path)
-    entries = _read_json_list(path)
-    videos, options, answers, extra = [], [], [], []
-    for i, e in enumerate(entries):
-        if not isinstance(e, dict) or not {"video", "options", "answer"} <= set(e):
-            raise DataError(f'{path}: entry {i} lacks "video", "options" or "answer"; a multiple-'
-                            f'choice entry needs all three')
-        opts = e["options"]
-        if not isinstance(opts, list) or len(opts) < 2 or not all(isinstance(o, str) for o in opts):
-            raise DataError(f'{path}: entry {i} ("{e["video"]}"): "options" must be a list of at '
-                            f'least two texts')
-        a = e["answer"]
-        if isinstance(a, bool) or not isinstance(a, int) or not 0 <= a < len(opts):
-            raise DataError(f'{path}: entry {i} ("{e["video"]}"): "answer" must be an option '
-                            f'index in [0, {len(opts)}), got {a!r}')
-        videos.append(str(e["video"]))
-        options.append([clean(o) if clean else o for o in opts])
-        answers.append(a)
-        extra.append({k: v for k, v in e.items() if k not in ("video", "options", "answer")})
-    return Annotations(path, root, videos, options, extra=extra), np.array(answers, np.int64)
-
-
-def _read_json_list(path):
-    from hvfm.data.annotations import read_json_list
-    return read_json_list(path, '{"video", "caption"} or {"video", "options", "answer"} entries')
-
-
-def detect_format(path):
-    """"retrieval" or "mc" from the first entry's keys (a .csv is a WebVid retrieval file)."""
-    from hvfm.data.annotations import _check_file
-    path = _check_file(path)
-    if str(path).lower().endswith(".csv"):
-        return "retrieval"
-    first = _read_json_list(path)[0]
-    if isinstance(first, dict) and "options" in first:
-        return "mc"
-    if isinstance(first, dict) and "caption" in first:
-        return "retrieval"
-    raise DataError(f'{path}: entry 0 has neither "caption" (retrieval) nor "options" (multiple '
-                    f'choice); expected {{"video", "caption"}} or {{"video", "options", "answer"}}')
-
-
 # ============================================================================ encoding
 
 def _view_rng(seed, view, first, device):
@@ -354,11 +152,13 @@ def encode_texts(model, tokenizer, captions, batch_size=32, progress=False):
 
 
 @torch.no_grad()
-def encode_videos(model, ann, videos, frames=8, size=96, batch_size=32, workers=0,
+def encode_videos(model, tokenizer, ann, videos, frames=8, size=96, batch_size=32, workers=0,
                   drop_ratio=None, views=1, seed=0, dtype=torch.float32, progress=False,
                   pool="joint"):
     """((views, len(videos), P) L2-normalised float32 CPU embeddings (zeros for a failed video),
-    {video index: (path, reason)} of the videos that did not decode)."""
+    {video index: (path, reason)} of the videos that did not decode). The clips are batched by
+    training's collate (`hvfm.data.eval_data`), which tokenises a caption of each: hence the
+    tokenizer."""
     from tqdm import tqdm
 
     dim = model.video.visual_projection.out_features
@@ -366,7 +166,8 @@ def encode_videos(model, ann, videos, frames=8, size=96, batch_size=32, workers=
     where = {int(v): i for i, v in enumerate(videos)}
     failed = {}
     n_batches = -(-len(videos) // batch_size)
-    for b in tqdm(clip_batches(ann, videos, frames, size, batch_size, workers), total=n_batches,
+    for b in tqdm(clip_batches(ann, videos, frames, size, batch_size, workers, tokenizer),
+                  total=n_batches,
                   desc="videos", disable=not progress, leave=False, file=sys.stderr):
         failed.update(b["failed"])
         if not b["videos"]:
@@ -423,7 +224,7 @@ def vtm_scores(model, tokenizer, ann, captions, pair_text, pair_video, frames=8,
     for j, v in enumerate(pair_video):
         by_video.setdefault(int(v), []).append(j)
     videos = sorted(by_video)
-    for b in tqdm(clip_batches(ann, videos, frames, size, batch_size, workers),
+    for b in tqdm(clip_batches(ann, videos, frames, size, batch_size, workers, tokenizer),
                   total=-(-len(videos) // batch_size), desc="re-rank", disable=not progress,
                   leave=False, file=sys.stderr):
         if not b["videos"]:
@@ -450,7 +251,7 @@ def _encode_all(model, tokenizer, ann, shard, batch_size, progress, **kw):
     every rank encoding a contiguous shard of each when `shard` and a process group is up."""
     rank, world = dist_info() if shard else (0, 1)
     a, b = shard_range(ann.num_videos, rank, world)
-    vemb, failed = encode_videos(model, ann, range(a, b), batch_size=batch_size,
+    vemb, failed = encode_videos(model, tokenizer, ann, range(a, b), batch_size=batch_size,
                                  progress=progress and rank == 0, **kw)
     captions = list(ann.pair_caption)
     c, d = shard_range(len(captions), rank, world)
@@ -510,7 +311,7 @@ def _encode_checked(model, tokenizer, ann, missing, shard, batch_size, progress,
     rank, _ = dist_info() if shard else (0, 1)
     model.eval()
     n_videos, n_caps = ann.num_videos, len(ann)
-    miss = {v: (str(ann.resolve(v)), "missing file") for v in _missing_videos(ann)}
+    miss = {v: (str(ann.resolve(v)), "missing file") for v in missing_videos(ann)}
     ann, kept = _exclude(ann, miss, "missing", missing, rank == 0)
     temb, vemb, failed = _encode_all(model, tokenizer, ann, shard, batch_size, progress, **kw)
     first = [miss[min(miss)][0]] if miss else []
@@ -528,11 +329,6 @@ def _encode_checked(model, tokenizer, ann, missing, shard, batch_size, progress,
     return ann, kept, temb, vemb, info
 
 
-def _similarity(temb, vemb):
-    """Mean over views of the (n_text, n_video) cosine similarities, float64 numpy."""
-    return torch.stack([temb @ v.T for v in vemb]).double().mean(0).numpy()
-
-
 @torch.no_grad()
 def score_matrix(model, tokenizer, ann, frames=8, size=96, batch_size=32, workers=0,
                  drop_ratio=None, progress=False, dtype=torch.float32, views=1, seed=0,
@@ -543,7 +339,7 @@ def score_matrix(model, tokenizer, ann, frames=8, size=96, batch_size=32, worker
                                           progress, frames=frames, size=size, workers=workers,
                                           drop_ratio=drop_ratio, views=views, seed=seed,
                                           dtype=dtype, pool=pool)
-    return _similarity(temb, vemb)
+    return mean_similarity(temb, vemb)
 
 
 def _check_options(views, drop_ratio, rerank_k=0, rerank_score="prob"):
@@ -579,26 +375,20 @@ def evaluate(model, tokenizer, ann, frames=8, size=96, batch_size=32, workers=0,
                dtype=dtype, pool=pool)
     ann, _, temb, vemb, info = _encode_checked(model, tokenizer, ann, missing, shard, batch_size,
                                                progress, views=views, **enc)
-    sims = _similarity(temb, vemb)
+    sims = mean_similarity(temb, vemb)
     if dump_scores and dist_info()[0] == 0:
         np.save(dump_scores, sims.astype(np.float32))
     t2v, v2t = dual_softmax(sims, dsl_temp) if dsl else (sims, sims)
     if rerank_k:
-        top_t = topk_indices(t2v, rerank_k)  # per text: videos
-        top_v = topk_indices(v2t.T, rerank_k)  # per video: texts
-        pairs = sorted({(i, int(v)) for i, row in enumerate(top_t) for v in row} |
-                       {(int(t), j) for j, row in enumerate(top_v) for t in row})
-        where = {p: n for n, p in enumerate(pairs)}
-        vals = _vtm_all(model, tokenizer, ann, [p[0] for p in pairs], [p[1] for p in pairs], shard,
-                        batch_size=batch_size, score="prob" if rerank_score == "prob" else "logit",
-                        progress=progress, **enc)
-        if rerank_score == "sum":  # VTM log-odds + VTC logit: the two experts' evidence added
-            scale = float(model.logit_scale.detach().float().clamp(max=np.log(100.0)).exp())
-            vals = vals + scale * np.array([sims[p] for p in pairs])
-        vt = np.array([[vals[where[(i, int(v))]] for v in row] for i, row in enumerate(top_t)])
-        vv = np.array([[vals[where[(int(t), j)]] for t in row] for j, row in enumerate(top_v)])
-        t2v = rerank_topk(t2v, top_t, vt)
-        v2t = rerank_topk(v2t.T, top_v, vv).T
+        def score_pairs(pairs):  # VTM of each (text, video) pair through the fusion encoder
+            vals = _vtm_all(model, tokenizer, ann, [p[0] for p in pairs], [p[1] for p in pairs],
+                            shard, batch_size=batch_size, progress=progress, **enc,
+                            score="prob" if rerank_score == "prob" else "logit")
+            if rerank_score == "sum":  # VTM log-odds + VTC logit: the two experts' evidence added
+                scale = float(model.logit_scale.detach().float().clamp(max=np.log(100.0)).exp())
+                vals = rerank_sum(vals, [sims[p] for p in pairs], scale)
+            return vals
+        t2v, v2t = rerank(t2v, v2t, rerank_k, score_pairs)
     metrics = retrieval_metrics(t2v, ann.pair_video, v2t)
     if ann.extra and all("group" in e for e in ann.extra):
         metrics.update(temporal_accuracy(t2v, ann.pair_video, [e["group"] for e in ann.extra],
@@ -626,9 +416,8 @@ def evaluate_mc(model, tokenizer, ann, answers, frames=8, size=96, batch_size=32
     ann, kept, temb, vemb, info = _encode_checked(model, tokenizer, ann, missing, shard,
                                                   batch_size, progress, views=views, **enc)
     answers = np.asarray(answers)[kept]
-    pv = torch.as_tensor(ann.pair_video)
     if by == "sim":
-        scores = torch.stack([(temb * v[pv]).sum(-1) for v in vemb]).double().mean(0).numpy()
+        scores = mc_option_scores(temb, vemb, ann.pair_video)
     else:
         scores = _vtm_all(model, tokenizer, ann, np.arange(len(ann)), ann.pair_video, shard,
                           batch_size=batch_size, score="prob", progress=progress, **enc)

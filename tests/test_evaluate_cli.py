@@ -15,8 +15,9 @@ from hvfm.data import read_annotations
 from hvfm.data.synthetic import generate
 from hvfm.data.text import build_tokenizer, clean_caption
 from hvfm.data.transform import prepare_batch
-from hvfm.evaluate import (ClipDataset, _collate, dual_softmax, evaluate, main, retrieval_metrics,
-                           topk_indices)
+from hvfm.data.eval_data import EvalClipDataset, EvalCollator
+from hvfm.evaluate import evaluate, main
+from hvfm.metrics import dual_softmax, retrieval_metrics, topk_indices
 from hvfm.export import load_export, save_export
 from hvfm.model import VideoLanguageModel
 from hvfm.model.testing import tiny_clip
@@ -101,9 +102,9 @@ def test_clip_folder_is_the_image_baseline(env, capsys, tmp_path):
     assert m["kind"] == "clip" and m["pool"] == "mean"
     hf = CLIPModel.from_pretrained(str(env["clip"])).eval()
     ann = env["ann"]
-    batch = prepare_batch(_collate([ClipDataset(ann, range(6), 2, 32)[i] for i in range(6)]), "cpu")  # device transform
     from hvfm.data.text import load_tokenizer
     tok = load_tokenizer(env["clip"])
+    batch = prepare_batch(EvalCollator(tok)([EvalClipDataset(ann, range(6), 2, 32)[i] for i in range(6)]), "cpu")
     enc = tok(list(ann.pair_caption), padding=True, return_tensors="pt")
     with torch.no_grad():
         frames = batch["pixels"].flatten(0, 1)  # every clip decoded 2 frames
@@ -134,7 +135,7 @@ def test_dsl_and_rerank_through_the_model(env, capsys, tmp_path):
     assert (r5["t2v_r5"], r5["v2t_r5"]) == (base["t2v_r5"], base["v2t_r5"]) and r5["rerank_k"] == 5
     full = evaluate(model, tok, ann, rerank_k=6, rerank_score="prob", **kw)
     both = evaluate(model, tok, ann, rerank_k=6, **kw)  # default: VTM log-odds + VTC logit
-    batch = prepare_batch(_collate([ClipDataset(ann, range(6), 4, 32)[i] for i in range(6)]), "cpu")  # device transform
+    batch = prepare_batch(EvalCollator(tok)([EvalClipDataset(ann, range(6), 4, 32)[i] for i in range(6)]), "cpu")
     caps = list(ann.pair_caption)
     enc = tok(caps, padding=True, return_tensors="pt")
     vtm = np.zeros((6, 6))
@@ -149,7 +150,7 @@ def test_dsl_and_rerank_through_the_model(env, capsys, tmp_path):
     for k, v in ref.items():
         assert full[k] == pytest.approx(v), k
     assert not np.allclose(topk_indices(vtm, 6), topk_indices(sims, 6))  # VTM did reorder
-    scale = float(model.logit_scale.exp().clamp(max=100))
+    scale = float(model.logit_scale.detach().exp().clamp(max=100))
     ref = retrieval_metrics(np.log(vtm / (1 - vtm)) + scale * sims, np.arange(6))
     for k, v in ref.items():
         assert both[k] == pytest.approx(v), k
@@ -200,7 +201,7 @@ def test_multiple_choice(env, capsys, tmp_path, by):
     # the same choice from the model by hand
     model, tok = load_export(env["final"])
     ann = env["ann"]
-    batch = prepare_batch(_collate([ClipDataset(ann, range(6), 4, 32)[i] for i in range(6)]), "cpu")  # device transform
+    batch = prepare_batch(EvalCollator(tok)([EvalClipDataset(ann, range(6), 4, 32)[i] for i in range(6)]), "cpu")
     hits = []
     with torch.no_grad():
         for q, clip_i in zip(questions, range(6)):

@@ -1,12 +1,15 @@
-"""Retrieval metrics, temporal accuracy, dual softmax, re-ranking, multiple choice and sharding
+"""hvfm.metrics: retrieval metrics, temporal accuracy, dual softmax, re-ranking, multiple choice
 on hand-made score matrices with known ranks."""
 import math
 
 import numpy as np
 import pytest
 
-from hvfm.evaluate import (dual_softmax, mc_accuracy, ranks, recall_metrics, rerank_topk,
-                           retrieval_metrics, shard_range, temporal_accuracy, topk_indices)
+import torch
+
+from hvfm.metrics import (dual_softmax, mc_accuracy, mc_option_scores, mean_similarity,
+                          pair_values_at, ranks, recall_metrics, rerank, rerank_pairs, rerank_sum,
+                          rerank_topk, retrieval_metrics, temporal_accuracy, topk_indices)
 
 
 def test_ranks_known_matrix_and_ties():
@@ -187,12 +190,51 @@ def test_mc_accuracy_with_ties():
     assert chance == pytest.approx((1 / 3 + 1 / 2 + 1 / 4) / 3)
 
 
-@pytest.mark.parametrize("world", [1, 2, 3, 4, 7])
-def test_shard_ranges_cover_everything_once_in_order(world):
-    for n in range(0, 12):
-        ranges = [shard_range(n, r, world) for r in range(world)]
-        assert np.concatenate([np.arange(a, b) for a, b in ranges]).tolist() == list(range(n))
-        sizes = [b - a for a, b in ranges]
-        assert max(sizes) - min(sizes) <= 1
-    with pytest.raises(ValueError):
-        shard_range(5, world, world)
+def test_mean_similarity_averages_the_views():
+    temb = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    vemb = torch.tensor([[[1.0, 0.0], [0.6, 0.8]],    # view 0
+                         [[0.0, 1.0], [0.6, 0.8]]])   # view 1
+    s = mean_similarity(temb, vemb)
+    assert s.dtype == np.float64
+    np.testing.assert_allclose(s, [[0.5, 0.6], [0.5, 0.8]], rtol=1e-6)
+
+
+def test_mc_option_scores_pairs_each_option_with_its_question_video():
+    temb = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])  # 3 options
+    vemb = torch.tensor([[[2.0, 3.0], [4.0, 5.0]],             # view 0: videos 0, 1
+                         [[0.0, 1.0], [0.0, 1.0]]])            # view 1
+    s = mc_option_scores(temb, vemb, [0, 0, 1])  # options 0, 1 ask about video 0, option 2 video 1
+    np.testing.assert_allclose(s, [(2 + 0) / 2, (3 + 1) / 2, (9 + 1) / 2])
+
+
+def test_rerank_pairs_lists_each_candidate_pair_once():
+    top_t = [[2], [0], [0]]   # text 0's best video is 2, texts 1 and 2 prefer video 0
+    top_v = [[1], [1], [0]]   # videos 0 and 1 prefer text 1, video 2 text 0
+    pairs = rerank_pairs(top_t, top_v)
+    assert pairs == [(0, 2), (1, 0), (1, 1), (2, 0)]  # (0, 2) and (1, 0) come from both sides
+    vt, vv = pair_values_at(pairs, [10.0, 20.0, 30.0, 40.0], top_t, top_v)
+    assert vt.tolist() == [[10.0], [20.0], [40.0]]
+    assert vv.tolist() == [[20.0], [30.0], [10.0]]
+
+
+def test_rerank_sum_adds_vtm_log_odds_to_the_vtc_logit():
+    np.testing.assert_allclose(rerank_sum([0.0, 2.0], [0.5, -0.25], 10.0), [5.0, -0.5])
+
+
+def test_rerank_reorders_both_directions_by_the_pair_scores():
+    s = np.array([[0.9, 0.8, 0.1],
+                  [0.2, 0.7, 0.6]])
+    favoured = {(0, 1), (1, 2), (1, 0)}  # VTM's matches
+    asked = []
+
+    def score_pairs(pairs):
+        asked.extend(pairs)
+        return np.array([1.0 if p in favoured else 0.0 for p in pairs])
+
+    t2v, v2t = rerank(s, s, 2, score_pairs)
+    assert asked == [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (1, 2)]  # each pair scored once
+    # text 0: top 2 {0, 1}, VTM picks 1; text 1: top 2 {1, 2}, VTM picks 2; the rest below
+    assert np.argsort(-t2v, axis=1, kind="stable").tolist() == [[1, 0, 2], [2, 1, 0]]
+    # per video over the two texts: video 0 -> text 1, video 1 -> text 0, video 2 -> text 1
+    assert np.argmax(v2t, axis=0).tolist() == [1, 0, 1]
+    assert retrieval_metrics(t2v, [1, 2], v2t)["t2v_r1"] == 100.0
