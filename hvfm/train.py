@@ -428,7 +428,7 @@ def prepare_data(args, out_dir, rank):
         train = read_annotations(corpus.train_csv, corpus.train_root, clean=clean_caption)
         if not args.eval_json:
             evaluation = read_annotations(corpus.test_json, corpus.test_root, clean=clean_caption)
-    elif args.train_shards:  # shards hook: their captions (for a tokenizer trained on them)
+    elif args.train_shards:  # shards hook: their captions, read only to train a tokenizer
         from hvfm.data.shards import shard_captions
         train = shard_captions(args.train_shards)
     else:

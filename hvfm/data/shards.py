@@ -45,7 +45,6 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from .annotations import Annotations
 from .dataset import COUNTERS, Collator, VideoTextLoader, _rng, _worker_init
 from .decode import DecodeError, decode_size, sample_indices
 from .errors import DataError
@@ -99,19 +98,38 @@ def shard_counts(urls):
     return counts
 
 
+class ShardCaptions:
+    """What the trainer needs of the shards' annotations before it builds the loader: `source`
+    (for messages) and `pair_caption`, every caption (cleaned) for training a tokenizer on them.
+    The captions are read lazily, and only then (the .txt members alone are kept): a run given
+    --tokenizer or --clip never reads the shards for them."""
+
+    def __init__(self, spec):
+        self.source = str(spec)
+        self.urls = expand_shards(spec)  # a bad spec fails here, at start, in one line
+        self._captions = None
+
+    @property
+    def pair_caption(self):
+        if self._captions is None:
+            import webdataset as wds
+            samples = wds.tarfile_to_samples(select_files=lambda name: name.endswith(".txt"))(
+                iter([{"url": u} for u in self.urls]))
+            self._captions = [clean_caption(c) for s in samples if "txt" in s for c in _captions(s)]
+            if not self._captions:
+                raise DataError(f"--train-shards {self.source}: no samples with a caption (.txt)")
+        return self._captions
+
+    def __len__(self):
+        return len(self.pair_caption)
+
+    def __repr__(self):
+        return f"ShardCaptions({self.source!r}, shards={len(self.urls)})"
+
+
 def shard_captions(spec):
-    """An `Annotations` holding every caption of the shards (for training a tokenizer on them, as
-    the trainer does from a CSV); its videos are the shard keys."""
-    import webdataset as wds
-    urls = expand_shards(spec)
-    videos, captions = [], []
-    for s in wds.tarfile_to_samples()(iter([{"url": u} for u in urls])):
-        if "txt" in s:
-            videos.append(f"{s['__url__']}:{s['__key__']}")
-            captions.append([clean_caption(c) for c in _captions(s)])
-    if not videos:
-        raise DataError(f"--train-shards {spec}: no samples with a caption (.txt) in the shards")
-    return Annotations(spec, os.path.dirname(urls[0]), videos, captions)
+    """The shards' captions, lazily (see `ShardCaptions`)."""
+    return ShardCaptions(spec)
 
 
 def _captions(sample):
