@@ -102,8 +102,7 @@ def parse_args(argv=None):
     d = ap.add_argument_group("data (default: the built-in synthetic corpus)")
     d.add_argument("--train-csv", help="WebVid CSV (videoid,contentUrl,duration,page_dir,name)")
     d.add_argument("--train-json", help='JSON list of {"video", "caption"}')
-    d.add_argument("--train-shards", help="tar shards of python -m hvfm.data.prepare: a folder or "
-                   "a brace pattern (shards/{000000..000099}.tar)")  # shards hook
+    d.add_argument("--train-shards", help="tar shards of hvfm.data.prepare: DIR or DIR/{000000..000099}.tar")  # shards hook
     d.add_argument("--video-root", help="folder the training videos are under")
     d.add_argument("--eval-json", help="retrieval test annotations (MSR-VTT style JSON)")
     d.add_argument("--eval-video-root", help="folder the evaluation videos are under")
@@ -694,10 +693,9 @@ def train(args, label=None):
     accum = cfg.get("gradient_accumulation_steps", 1)
     if args.train_shards:  # shards hook
         from hvfm.data.shards import build_shard_loader
-        loader = build_shard_loader(args.train_shards, tokenizer, batch_size=micro, frames=args.frames,
-                                    size=size, seed=args.seed, num_workers=args.workers, rank=rank,
-                                    mask_ratio=args.mask_ratio, world_size=world, pin_memory=cuda,
-                                    crop_scale=IMAGE_CROP if image else (0.5, 1.0))
+        loader = build_shard_loader(args.train_shards, tokenizer, batch_size=micro, frames=args.frames, size=size,
+                                    seed=args.seed, num_workers=args.workers, mask_ratio=args.mask_ratio, rank=rank,
+                                    world_size=world, pin_memory=cuda, crop_scale=IMAGE_CROP if image else (0.5, 1.0))
     else:
         loader = build_loader(train_ann, tokenizer, batch_size=micro, frames=args.frames, size=size,
                               seed=args.seed, num_workers=args.workers, mask_ratio=args.mask_ratio,

@@ -115,9 +115,17 @@ def main(argv=None):
             notes.append(f"decode rate from {data_file} (measured on another machine's CPU)")
         data = json.loads(data_file.read_text())
         per_worker, source = decode_rate(data, args.decode_source)
+        shown = data_file.resolve()
+        shown = shown.relative_to(ROOT) if shown.is_relative_to(ROOT) else shown
         notes.append(f"decode figure used: {per_worker:.3g} clips/s per worker, bench_data's "
-                     f"{source} row ({data_file}; {data.get('data') or 'data not recorded'}; "
+                     f"{source} row ({shown}; {data.get('data') or 'data not recorded'}; "
                      f"measured on {data['machine']['cpu']})")
+        if source.startswith("shards") and any(r.get("source", "files") == "files" for r in data["results"]):
+            other, other_source = decode_rate(data, "files")
+            o = paper_check(other, other_source, args.workers_per_gpu, args.clips)
+            notes.append(f"for comparison, one file per clip ({other_source}: {other:.3g} clips/s per "
+                         f"worker): the loaders alone would need {o['data_bound_epoch_hours']:.3g} h per "
+                         f"epoch on 8 GPUs ({o['workers_per_gpu_for_a_day']:.3g} workers per GPU for a day)")
         tc, dc = train["config"], data["config"]
         if (tc["frames"], tc["size"]) != (dc["frames"], dc["size"]):
             notes.append(f"bench_data decoded {dc['frames']} frames at {dc['size']} px, bench_train "
