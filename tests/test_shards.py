@@ -202,11 +202,25 @@ def test_shard_specs_and_errors(shards, tokenizer, tmp_path):
     assert expand_shards(f"{shards}/{{000002..000004}}.tar") == [str(shards / f"{k:06d}.tar") for k in (2, 3, 4)]
     with pytest.raises(DataError, match="2 of 3 shard.s. missing, first .*000008.tar"):
         expand_shards(f"{shards}/{{000007..000009}}.tar")
+    with pytest.raises(DataError, match="no such folder or file; give the folder python -m hvfm.data.prepare wrote"):
+        expand_shards(tmp_path / "nowhere")
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="no .tar shards; write them with python -m hvfm.data.prepare"):
         expand_shards(tmp_path / "empty")
     with pytest.raises(DataError, match="fewer than one batch of 16 for each of 2 rank"):
         build_shard_loader(shards, tokenizer, batch_size=16, world_size=2)
+
+
+def test_trainer_takes_one_data_source(shards, corpus, tmp_path, capsys):
+    from hvfm import train as train_mod
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as e:
+        train_mod.main(["--deepspeed", "ds_configs/z2.json", "--train-shards", str(shards), "--train-csv",
+                        str(corpus.train_csv), "--video-root", str(corpus.train_root), "--output-dir", str(out)])
+    assert e.value.code == 2
+    lines = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error: ")]
+    assert lines == ["error: --train-csv, --train-json, --train-shards: give one of them"]
+    assert not out.exists()
 
 
 def free_port():

@@ -66,6 +66,10 @@ def expand_shards(spec):
             raise DataError(f"--train-shards {spec}: the folder holds no .tar shards; write them "
                             f"with python -m hvfm.data.prepare --out {spec}")
         return urls
+    if not any(c in spec for c in "{*?[") and not os.path.exists(spec):
+        raise DataError(f"--train-shards {spec}: no such folder or file; give the folder "
+                        f"python -m hvfm.data.prepare wrote (--out) or a pattern like "
+                        f"shards/{{000000..000099}}.tar")
     import braceexpand
     urls = [u for part in braceexpand.braceexpand(spec) for u in (sorted(glob.glob(part)) or [part])]
     missing = [u for u in urls if not os.path.isfile(u)]
