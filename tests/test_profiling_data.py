@@ -46,6 +46,14 @@ def test_bench_data_times_files_and_shards_of_generated_clips(bench):
             assert s.frames == round(seconds * 25)
     index = json.loads((Path(d["shards"]) / "index.json").read_text())
     assert index["samples"] == 4 and index["size"] == 32 and index["bad_files"] == 0
+    import tarfile
+    with tarfile.open(Path(d["shards"]) / index["shards"][0]["name"]) as t:
+        mp4 = t.extractfile("000000000.mp4").read()  # clip000 at 25 fps -> 8 fps, short side 32
+    import io
+    with av.open(io.BytesIO(mp4)) as f:
+        s = f.streams.video[0]
+        assert (s.codec_context.width, s.codec_context.height) == (56, 32)  # 640x360 -> 57x32, even
+        assert abs(s.frames - d["clip_seconds"][0] * 8) <= 1
     md = (bench / "out" / "bench_data.md").read_text()
     assert "| shards | 1 |" in md and "| files | 0 |" in md and "640x360" in md
 
