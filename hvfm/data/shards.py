@@ -251,7 +251,8 @@ class ShardDataset(IterableDataset):
         for p in itertools.count():
             urls, every = self._slot_urls(slot, p)
             got = 0
-            samples = wds.tarfile_to_samples()(iter([{"url": u} for u in urls]))
+            # a shard damaged after prepare wrote it: warn, keep what it holds, go on
+            samples = wds.tarfile_to_samples(handler=wds.warn_and_continue)(iter([{"url": u} for u in urls]))
             for i, s in enumerate(samples):
                 if every is None or i % every[1] == every[0]:
                     got += 1
