@@ -19,6 +19,7 @@ setup(
         "tokenizers>=0.19",
         f"decord>=0.6; {LINUX_X86}",
         "av>=12",
+        "webdataset>=1.0.2",
         "numpy>=1.24",
         "pillow>=9",
         "tqdm>=4.60",

@@ -102,6 +102,7 @@ def parse_args(argv=None):
     d = ap.add_argument_group("data (default: the built-in synthetic corpus)")
     d.add_argument("--train-csv", help="WebVid CSV (videoid,contentUrl,duration,page_dir,name)")
     d.add_argument("--train-json", help='JSON list of {"video", "caption"}')
+    d.add_argument("--train-shards", help="tar shards of hvfm.data.prepare: DIR or DIR/{000000..000099}.tar")  # shards hook
     d.add_argument("--video-root", help="folder the training videos are under")
     d.add_argument("--eval-json", help="retrieval test annotations (MSR-VTT style JSON)")
     d.add_argument("--eval-video-root", help="folder the evaluation videos are under")
@@ -290,8 +291,8 @@ def check_args(args, cuda):
             raise ConfigError(f"{flag} {value:g}: give a positive multiplier")
     if args.precision == "fp16" and not cuda:
         raise ConfigError("--precision fp16 needs a GPU (DeepSpeed has no fp16 on CPU); use bf16 or fp32")
-    if args.train_csv and args.train_json:
-        raise ConfigError("--train-csv and --train-json: give one of them")
+    if sum(map(bool, (args.train_csv, args.train_json, args.train_shards))) > 1:  # shards hook
+        raise ConfigError("--train-csv, --train-json, --train-shards: give one of them")
     if (args.train_csv or args.train_json) and not args.video_root:
         raise ConfigError("--video-root is required with --train-csv/--train-json")
     if args.eval_json and not args.eval_video_root:
@@ -411,7 +412,7 @@ def prepare_data(args, out_dir, rank):
     from hvfm.data.synthetic import ensure_corpus
     from hvfm.data.synthetic_images import ensure_images
 
-    builtin = not (args.train_csv or args.train_json)
+    builtin = not (args.train_csv or args.train_json or args.train_shards)  # shards hook
     train = evaluation = None
     if builtin and args.stage == "image":
         if rank == 0:
@@ -429,6 +430,9 @@ def prepare_data(args, out_dir, rank):
         train = read_annotations(corpus.train_csv, corpus.train_root, clean=clean_caption)
         if not args.eval_json:
             evaluation = read_annotations(corpus.test_json, corpus.test_root, clean=clean_caption)
+    elif args.train_shards:  # shards hook: their captions, read only to train a tokenizer
+        from hvfm.data.shards import shard_captions
+        train = shard_captions(args.train_shards)
     else:
         train = read_annotations(args.train_csv or args.train_json, args.video_root, clean=clean_caption)
     if args.eval_json:
@@ -627,7 +631,7 @@ def train(args, label=None):
         torch.set_flush_denormal(True)
     weights = check_args(args, cuda)
     image = args.stage == "image"
-    builtin = not (args.train_csv or args.train_json)
+    builtin = not (args.train_csv or args.train_json or args.train_shards)  # shards hook
     if image:  # stage 1: stills are one-frame clips; contrastive loss alone
         args.frames, args.reverse_negatives, args.motion_channel = 1, 0.0, False
         weights = {"vtc": 1.0, "vtm": 0.0, "mlm": 0.0}
@@ -691,12 +695,18 @@ def train(args, label=None):
         args.max_minutes = preset["max_minutes"]  # a slow machine stops early, not late
     micro = cfg["train_micro_batch_size_per_gpu"]
     accum = cfg.get("gradient_accumulation_steps", 1)
-    loader = build_loader(train_ann, tokenizer, batch_size=micro, frames=args.frames, size=size,
-                          seed=args.seed, num_workers=args.workers, mask_ratio=args.mask_ratio,
-                          rank=rank, world_size=world, pin_memory=cuda,
-                          decode_timeout=args.decode_timeout or None,
-                          mirror=args.mirror_negatives if image else 0.0,
-                          crop_scale=IMAGE_CROP if image else (0.5, 1.0))
+    if args.train_shards:  # shards hook
+        from hvfm.data.shards import build_shard_loader
+        loader = build_shard_loader(args.train_shards, tokenizer, batch_size=micro, frames=args.frames, size=size,
+                                    seed=args.seed, num_workers=args.workers, mask_ratio=args.mask_ratio, rank=rank,
+                                    world_size=world, pin_memory=cuda, crop_scale=IMAGE_CROP if image else (0.5, 1.0))
+    else:
+        loader = build_loader(train_ann, tokenizer, batch_size=micro, frames=args.frames, size=size,
+                              seed=args.seed, num_workers=args.workers, mask_ratio=args.mask_ratio,
+                              rank=rank, world_size=world, pin_memory=cuda,
+                              decode_timeout=args.decode_timeout or None,
+                              mirror=args.mirror_negatives if image else 0.0,
+                              crop_scale=IMAGE_CROP if image else (0.5, 1.0))
     steps_per_epoch = len(loader) // accum
     if max_steps is None:
         max_steps = (args.epochs or 1) * steps_per_epoch

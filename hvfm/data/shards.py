@@ -1,0 +1,383 @@
+"""Training from tar shards (written by `python -m hvfm.data.prepare`) with the webdataset library.
+
+`build_shard_loader(spec, tokenizer, ...)` gives a loader with the interface of `build_loader`'s
+(`VideoTextLoader`: iterate for batches of the same format, `len`, `set_epoch`, `state_dict`,
+skip counters), so the trainer's loop does not know which one it runs.
+
+Spec: a folder (its `*.tar`, sorted) or a brace pattern (`shards/{000000..000099}.tar`). The
+epoch's length comes from `index.json` beside the shards (written by prepare), else from reading
+the tar member names once.
+
+The stream of one rank (world ranks, W loader workers, W >= 1; workers 0 is one slot in the
+training process) is split into W "slots"; slot L makes the rank's batches L, L + W, L + 2W, ...
+(the DataLoader collects batches from its workers round-robin). Each slot reads its own shards:
+per pass over the data the shard list is permuted with a generator seeded by (seed, epoch, pass)
+and slot s = rank * W + L of the world * W slots takes every (world * W)-th shard from s; with fewer
+shards than slots every slot reads all shards and keeps every (world * W)-th sample. Samples go
+through a shuffle buffer (webdataset's, seeded by (seed, epoch, rank, L)), then are decoded from
+memory (decord, PyAV fallback), cropped, flipped and tokenised exactly as the map-style dataset
+does (same `VideoTransform`, `Collator`). An epoch is floor(samples / (world * batch)) batches on
+every rank (ranks must step together); a slot whose shards run out before its share starts its
+next pass (so with uneven shards a few samples repeat within an epoch, others wait for the next).
+
+Resume: the loader state holds, besides the epoch and the rank's sample position, how many raw
+samples each slot has taken from its stream; a resumed slot skips that many (read, not decoded)
+and continues with exactly the batches the uninterrupted run would have made. That needs the same
+world size and --workers; with others the position is kept approximately (a warning says so).
+
+Bad samples (undecodable mp4 bytes, no frames) are skipped: the next sample of the stream takes the
+place, and the failure travels with the batch so the skip counters and bad-file log work as for
+files (the "path" is `SHARD_URL:KEY`). `--decode-timeout` does not apply to shards: the bytes are
+decoded in the loader worker itself.
+"""
+from __future__ import annotations
+
+import glob
+import io
+import itertools
+import json
+import logging
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from .dataset import COUNTERS, Collator, VideoTextLoader, _rng, _worker_init
+from .decode import DecodeError, decode_size, sample_indices
+from .errors import DataError
+from .text import MAX_LENGTH, clean_caption, swap_left_right
+from .transforms import VideoTransform
+
+log = logging.getLogger("hvfm.data")
+INDEX = "index.json"
+
+
+# ----------------------------------------------------------------------------- shard lists
+
+def expand_shards(spec):
+    """The shard paths of `spec` (a folder of *.tar, a brace pattern, a glob or one file)."""
+    spec = os.fspath(spec)
+    if os.path.isdir(spec):
+        urls = sorted(glob.glob(os.path.join(spec, "*.tar")))
+        if not urls:
+            raise DataError(f"--train-shards {spec}: the folder holds no .tar shards; write them "
+                            f"with python -m hvfm.data.prepare --out {spec}")
+        return urls
+    if not any(c in spec for c in "{*?[") and not os.path.exists(spec):
+        raise DataError(f"--train-shards {spec}: no such folder or file; give the folder "
+                        f"python -m hvfm.data.prepare wrote (--out) or a pattern like "
+                        f"shards/{{000000..000099}}.tar")
+    import braceexpand
+    urls = [u for part in braceexpand.braceexpand(spec) for u in (sorted(glob.glob(part)) or [part])]
+    missing = [u for u in urls if not os.path.isfile(u)]
+    if missing:
+        raise DataError(f"--train-shards {spec}: {len(missing)} of {len(urls)} shard(s) missing, "
+                        f"first {missing[0]}; check the pattern (e.g. shards/{{000000..000099}}.tar)")
+    return urls
+
+
+def shard_counts(urls):
+    """Samples per shard: from index.json beside them (prepare's), else by reading the tars."""
+    counts, indexes = {}, {}
+    for u in urls:
+        folder = os.path.dirname(os.path.abspath(u))
+        if folder not in indexes:
+            try:
+                index = json.loads(Path(folder, INDEX).read_text())
+                indexes[folder] = {s["name"]: s["samples"] for s in index["shards"]}
+            except (OSError, ValueError, KeyError, TypeError):
+                indexes[folder] = {}
+        n = indexes[folder].get(os.path.basename(u))
+        if n is None:
+            from .prepare import count_samples
+            try:
+                n = count_samples(u)
+            except Exception as e:  # noqa: BLE001 - tarfile errors of every kind
+                raise DataError(f"{u}: not a readable tar shard ({type(e).__name__}: {e}); rewrite it "
+                                f"with python -m hvfm.data.prepare") from None
+        counts[u] = int(n)
+    return counts
+
+
+class ShardCaptions:
+    """What the trainer needs of the shards' annotations before it builds the loader: `source`
+    (for messages) and `pair_caption`, every caption (cleaned) for training a tokenizer on them.
+    The captions are read lazily, and only then (the .txt members alone are kept): a run given
+    --tokenizer or --clip never reads the shards for them."""
+
+    def __init__(self, spec):
+        self.source = str(spec)
+        self.urls = expand_shards(spec)  # a bad spec fails here, at start, in one line
+        self._captions = None
+
+    @property
+    def pair_caption(self):
+        if self._captions is None:
+            import webdataset as wds
+            samples = wds.tarfile_to_samples(select_files=lambda name: name.endswith(".txt"))(
+                iter([{"url": u} for u in self.urls]))
+            self._captions = [clean_caption(c) for s in samples if "txt" in s for c in _captions(s)]
+            if not self._captions:
+                raise DataError(f"--train-shards {self.source}: no samples with a caption (.txt)")
+        return self._captions
+
+    def __len__(self):
+        return len(self.pair_caption)
+
+    def __repr__(self):
+        return f"ShardCaptions({self.source!r}, shards={len(self.urls)})"
+
+
+def shard_captions(spec):
+    """The shards' captions, lazily (see `ShardCaptions`)."""
+    return ShardCaptions(spec)
+
+
+def _captions(sample):
+    text = sample["txt"].decode("utf-8") if isinstance(sample["txt"], bytes) else sample["txt"]
+    return [line for line in (x.strip() for x in text.splitlines()) if line] or [""]
+
+
+# ----------------------------------------------------------------------------- decoding bytes
+
+def _decord_bytes(data, num_frames, train, rng, short_side):
+    import decord
+    size = _probe_bytes(data) if short_side else None
+    w, h = decode_size(*size, short_side) if size else (-1, -1)
+    vr = decord.VideoReader(io.BytesIO(data), num_threads=1, width=w, height=h)
+    idx = sample_indices(len(vr), num_frames, train, rng)
+    return vr.get_batch(idx).asnumpy()
+
+
+def _probe_bytes(data):
+    import av
+    with av.open(io.BytesIO(data)) as c:
+        s = c.streams.video[0].codec_context
+        return (s.width, s.height) if s.width and s.height else None
+
+
+def _pyav_bytes(data, num_frames, train, rng, short_side):
+    import av
+    with av.open(io.BytesIO(data)) as container:
+        stream = container.streams.video[0]
+        stream.codec_context.thread_count = 1
+        w, h = decode_size(stream.codec_context.width, stream.codec_context.height, short_side)
+        known = stream.frames
+        if known > 0:
+            wanted = sample_indices(known, num_frames, train, rng)
+            picked, last = {}, max(wanted)
+            for i, frame in enumerate(container.decode(stream)):
+                if i in wanted:
+                    picked[i] = frame.to_ndarray(format="rgb24", width=w, height=h)
+                if i >= last:
+                    break
+            got = [picked[i] for i in wanted if i in picked]
+            return np.stack(got) if got else np.zeros((0, h, w, 3), np.uint8)
+        frames = [f.to_ndarray(format="rgb24", width=w, height=h) for f in container.decode(stream)]
+        idx = sample_indices(len(frames), num_frames, train, rng)
+        return np.stack([frames[i] for i in idx]) if idx else np.zeros((0, h, w, 3), np.uint8)
+
+
+def decode_bytes(data, num_frames, train=False, rng=None, short_side=None, decoder="auto", name="<bytes>"):
+    """`decode_clip` for an mp4 held in memory: uint8 (T, H, W, 3), the same frame sampling;
+    DecodeError(name, reason) for bytes that give no frame."""
+    if train and rng is None:
+        raise ValueError("training-mode sampling needs an rng (numpy Generator)")
+    if not data:
+        raise DecodeError(name, "empty video bytes")
+    order = {"auto": ("decord", "pyav"), "decord": ("decord",), "pyav": ("pyav",)}[decoder]
+    reasons = []
+    for impl in order:
+        state = rng.bit_generator.state if rng is not None else None
+        try:
+            frames = (_decord_bytes if impl == "decord" else _pyav_bytes)(data, num_frames, train, rng, short_side)
+        except ImportError:
+            reasons.append(f"{impl} not installed")
+            continue
+        except Exception as e:  # noqa: BLE001 - any decoder failure is a bad sample
+            if rng is not None:
+                rng.bit_generator.state = state
+            reasons.append(f"{impl}: {type(e).__name__}: {' '.join(str(e).split())[:120]}")
+            continue
+        if len(frames):
+            return frames
+        reasons.append(f"{impl}: no video frames")
+    raise DecodeError(name, "; ".join(reasons))
+
+
+# ----------------------------------------------------------------------------- dataset
+
+class ShardDataset(IterableDataset):
+    """Yields collated batches of one rank (see the module docstring). Set `epoch`, `start`
+    (samples of this rank already consumed) and `raw` (per slot: raw samples taken) before
+    iterating; the loader does."""
+
+    def __init__(self, urls, counts, collate, batch_size, *, frames=8, size=224, rank=0, world_size=1,
+                 workers=0, seed=0, shuffle_buffer=1000, decoder="auto", max_retries=10,
+                 hflip=0.5, crop_scale=(0.5, 1.0), clean=clean_caption):
+        self.urls, self.counts, self.collate, self.batch_size = list(urls), counts, collate, batch_size
+        self.frames, self.size, self.rank, self.world = frames, size, rank, world_size
+        self.slots = max(workers, 1)
+        self.seed, self.shuffle_buffer, self.decoder = seed, shuffle_buffer, decoder
+        self.max_retries, self.clean = max_retries, clean
+        self.transform = VideoTransform(size, True, hflip=hflip, scale=crop_scale)
+        self.total = sum(counts[u] for u in self.urls)
+        self.batches_per_epoch = self.total // (world_size * batch_size)
+        if self.batches_per_epoch == 0:
+            raise DataError(f"the shards hold {self.total} samples, fewer than one batch of "
+                            f"{batch_size} for each of {world_size} rank(s); write more samples or "
+                            f"lower the batch size")
+        self.epoch, self.start, self.raw = 0, 0, None
+
+    def __len__(self):  # batches left in this epoch
+        return max(0, self.batches_per_epoch - self.start // self.batch_size)
+
+    def set_epoch(self, epoch, start=0, raw=None):
+        self.epoch, self.start, self.raw = epoch, start, raw
+
+    # -- the raw stream of one slot
+    def _slot_urls(self, slot, p):
+        order = _rng(self.seed, self.epoch, p, 0x5A4D).permutation(len(self.urls))
+        nslots = self.world * self.slots
+        if len(self.urls) >= nslots:
+            return [self.urls[i] for i in order[slot::nslots]], None
+        return [self.urls[i] for i in order], (slot, nslots)
+
+    def _raw_stream(self, slot):
+        import webdataset as wds
+        for p in itertools.count():
+            urls, every = self._slot_urls(slot, p)
+            got = 0
+            # a shard damaged after prepare wrote it: warn, keep what it holds, go on
+            samples = wds.tarfile_to_samples(handler=wds.warn_and_continue)(iter([{"url": u} for u in urls]))
+            for i, s in enumerate(samples):
+                if every is None or i % every[1] == every[0]:
+                    got += 1
+                    yield s
+            if got == 0:
+                raise DataError(f"shards {self.urls[0]}...: slot {slot} found no samples in a pass")
+
+    def _sample(self, s, L, k):
+        name = f"{s.get('__url__', '?')}:{s.get('__key__', '?')}"
+        rng = _rng(self.seed, self.epoch, self.rank, L, k)
+        if "mp4" not in s or "txt" not in s:
+            raise DecodeError(name, "sample lacks .mp4 or .txt")
+        frames = decode_bytes(s["mp4"], self.frames, True, rng, self.size, self.decoder, name)
+        pixels, flipped = self.transform(frames, rng)
+        caps = _captions(s)
+        caption = caps[int(rng.integers(len(caps)))] if len(caps) > 1 else caps[0]
+        caption = self.clean(caption) if self.clean else caption
+        if flipped:
+            caption = swap_left_right(caption)
+        key = s.get("__key__", "")
+        index = int(key) if key.isdigit() else int(_rng(*map(ord, key[:32])).integers(2**62))
+        return {"pixels": pixels, "caption": caption, "index": index, "epoch": self.epoch, "failures": []}
+
+    def __iter__(self):
+        info = get_worker_info()
+        p, nworkers = (info.id, info.num_workers) if info else (0, 1)
+        if nworkers != self.slots:
+            raise DataError(f"ShardDataset built for {self.slots} worker(s) runs in {nworkers}")
+        b0 = self.start // self.batch_size
+        L = (b0 + p) % self.slots  # the DataLoader's first batch comes from worker 0
+        mine = range(L, self.batches_per_epoch, self.slots)
+        done = len(range(L, b0, self.slots))
+        skip = self.raw[L] if self.raw is not None and self.raw[L] is not None else done * self.batch_size
+        slot = self.rank * self.slots + L
+        rng = random.Random(int(_rng(self.seed, self.epoch, self.rank, L, 0x5B0F).integers(2**62)))
+        stream = wds_shuffle(self._raw_stream(slot), self.shuffle_buffer, rng)
+        k = in_row = 0
+        for _ in range(skip):  # read, not decoded
+            next(stream)
+            k += 1
+        for _ in range(len(mine) - done):
+            samples, failures = [], []
+            while len(samples) < self.batch_size:
+                s = next(stream)
+                k += 1
+                try:
+                    samples.append(self._sample(s, L, k - 1))
+                    in_row = 0
+                except DecodeError as e:
+                    failures.append((e.path, e.reason, e.kind, 0))
+                    in_row += 1
+                    if in_row > self.max_retries:
+                        listed = "; ".join(f"{f[0]} ({f[1]})" for f in failures[-5:])
+                        raise DataError(f"{in_row} shard samples in a row failed to decode, "
+                                        f"last: {listed}; check the shards") from None
+            if failures:
+                samples[0]["failures"] = failures
+            batch = self.collate(samples)
+            batch["shard_slot"], batch["shard_raw"] = L, k
+            yield batch
+
+
+def wds_shuffle(stream, bufsize, rng):
+    """webdataset's shuffle buffer over `stream` with our seeded generator (bufsize 0: none)."""
+    if bufsize <= 1:
+        return iter(stream)
+    import webdataset as wds
+    return iter(wds.filters._shuffle(iter(stream), bufsize, min(bufsize, 100), rng=rng))
+
+
+# ----------------------------------------------------------------------------- loader
+
+class ShardLoader(VideoTextLoader):
+    """`VideoTextLoader` over a `ShardDataset`: the same counters and batches; its state also
+    holds the raw stream position of every slot (exact resume)."""
+
+    def __init__(self, dataset, loader, timeout=0.0):
+        super().__init__(dataset, dataset, loader, timeout)
+        self.raw = [0] * dataset.slots
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def set_epoch(self, epoch, start=0, raw=None):
+        self.raw = list(raw) if raw is not None else [None if start else 0] * self.dataset.slots
+        self.dataset.set_epoch(epoch, start, list(self.raw))
+        self.epoch, self.position = epoch, start
+
+    def state_dict(self):
+        return {**super().state_dict(), "shard_raw": list(self.raw),
+                "shard_layout": [self.dataset.world, self.dataset.slots]}
+
+    def load_state_dict(self, state):
+        raw = state.get("shard_raw")
+        if raw is not None and state.get("shard_layout") != [self.dataset.world, self.dataset.slots]:
+            log.warning("resuming shards with %s rank(s) x %s worker slot(s), saved with %s: the "
+                        "position is kept approximately", self.dataset.world, self.dataset.slots,
+                        state.get("shard_layout"))
+            raw = None
+        self.set_epoch(state["epoch"], state["position"], raw)
+        for k in COUNTERS:
+            setattr(self, k, state.get(k, 0))
+
+    def __iter__(self):
+        for batch in super().__iter__():
+            self.raw[batch["shard_slot"]] = batch["shard_raw"]
+            yield batch
+
+
+def build_shard_loader(spec, tokenizer, *, batch_size, frames=8, size=224, seed=0, num_workers=2,
+                       mask_ratio=0.5, rank=0, world_size=1, timeout=120.0, decoder="auto",
+                       shuffle_buffer=1000, max_retries=10, pin_memory=False, max_length=MAX_LENGTH,
+                       crop_scale=(0.5, 1.0), clean=clean_caption):
+    """A `ShardLoader` over the shards of `spec` for one rank: the batches of `build_loader`'s
+    training loader (same keys, shapes, transforms, tokenisation and MLM masks)."""
+    urls = expand_shards(spec)
+    counts = shard_counts(urls)
+    dataset = ShardDataset(urls, counts, Collator(tokenizer, mask_ratio, max_length, seed), batch_size,
+                           frames=frames, size=size, rank=rank, world_size=world_size, workers=num_workers,
+                           seed=seed, shuffle_buffer=shuffle_buffer, decoder=decoder,
+                           max_retries=max_retries, crop_scale=crop_scale, clean=clean)
+    loader = DataLoader(dataset, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
+                        worker_init_fn=_worker_init if num_workers else None,
+                        timeout=timeout if num_workers else 0, persistent_workers=False,
+                        prefetch_factor=2 if num_workers else None)
+    out = ShardLoader(dataset, loader, timeout if num_workers else 0.0)
+    out.set_epoch(0)
+    return out
