@@ -46,10 +46,10 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .dataset import COUNTERS, Collator, VideoTextLoader, _rng, _worker_init
-from .decode import DecodeError, decode_size, sample_indices
+from .decode import DecodeError, _resize_frames, decode_size, sample_indices
 from .errors import DataError
 from .text import MAX_LENGTH, clean_caption, swap_left_right
-from .transforms import VideoTransform
+from .transform import draw_params
 
 log = logging.getLogger("hvfm.data")
 INDEX = "index.json"
@@ -145,18 +145,11 @@ def _captions(sample):
 
 def _decord_bytes(data, num_frames, train, rng, short_side):
     import decord
-    size = _probe_bytes(data) if short_side else None
-    w, h = decode_size(*size, short_side) if size else (-1, -1)
-    vr = decord.VideoReader(io.BytesIO(data), num_threads=1, width=w, height=h)
+    # as decode._decord: the file's own size, then the sampled frames resized (no probe)
+    vr = decord.VideoReader(io.BytesIO(data), num_threads=1)
     idx = sample_indices(len(vr), num_frames, train, rng)
-    return vr.get_batch(idx).asnumpy()
-
-
-def _probe_bytes(data):
-    import av
-    with av.open(io.BytesIO(data)) as c:
-        s = c.streams.video[0].codec_context
-        return (s.width, s.height) if s.width and s.height else None
+    frames = vr.get_batch(idx).asnumpy()
+    return _resize_frames(frames, short_side) if short_side else frames
 
 
 def _pyav_bytes(data, num_frames, train, rng, short_side):
@@ -223,7 +216,7 @@ class ShardDataset(IterableDataset):
         self.slots = max(workers, 1)
         self.seed, self.shuffle_buffer, self.decoder = seed, shuffle_buffer, decoder
         self.max_retries, self.clean = max_retries, clean
-        self.transform = VideoTransform(size, True, hflip=hflip, scale=crop_scale)
+        self.hflip, self.crop_scale = hflip, crop_scale
         self.total = sum(counts[u] for u in self.urls)
         self.batches_per_epoch = self.total // (world_size * batch_size)
         if self.batches_per_epoch == 0:
@@ -265,8 +258,14 @@ class ShardDataset(IterableDataset):
         rng = _rng(self.seed, self.epoch, self.rank, L, k)
         if "mp4" not in s or "txt" not in s:
             raise DecodeError(name, "sample lacks .mp4 or .txt")
-        frames = decode_bytes(s["mp4"], self.frames, True, rng, self.size, self.decoder, name)
-        pixels, flipped = self.transform(frames, rng)
+        # as VideoTextDataset._load: uint8 frames at their own size (shrunk on the host only when
+        # far larger than needed) and the crop row that transform.prepare_batch applies
+        frames = decode_bytes(s["mp4"], self.frames, True, rng, None, self.decoder, name)
+        if min(frames.shape[1:3]) > 2 * self.size:
+            frames = _resize_frames(frames, self.size)
+        crop, flipped = draw_params(frames.shape[1], frames.shape[2], self.size, True, rng,
+                                    self.crop_scale, self.hflip)
+        pixels = torch.from_numpy(np.ascontiguousarray(frames))
         caps = _captions(s)
         caption = caps[int(rng.integers(len(caps)))] if len(caps) > 1 else caps[0]
         caption = self.clean(caption) if self.clean else caption
@@ -274,7 +273,8 @@ class ShardDataset(IterableDataset):
             caption = swap_left_right(caption)
         key = s.get("__key__", "")
         index = int(key) if key.isdigit() else int(_rng(*map(ord, key[:32])).integers(2**62))
-        return {"pixels": pixels, "caption": caption, "index": index, "epoch": self.epoch, "failures": []}
+        return {"pixels": pixels, "crop": crop, "caption": caption, "index": index,
+                "epoch": self.epoch, "failures": []}
 
     def __iter__(self):
         info = get_worker_info()
@@ -370,7 +370,8 @@ def build_shard_loader(spec, tokenizer, *, batch_size, frames=8, size=224, seed=
     training loader (same keys, shapes, transforms, tokenisation and MLM masks)."""
     urls = expand_shards(spec)
     counts = shard_counts(urls)
-    dataset = ShardDataset(urls, counts, Collator(tokenizer, mask_ratio, max_length, seed), batch_size,
+    collate = Collator(tokenizer, mask_ratio, max_length, seed, device_transform=bool(pin_memory))
+    dataset = ShardDataset(urls, counts, collate, batch_size,
                            frames=frames, size=size, rank=rank, world_size=world_size, workers=num_workers,
                            seed=seed, shuffle_buffer=shuffle_buffer, decoder=decoder,
                            max_retries=max_retries, crop_scale=crop_scale, clean=clean)
