@@ -213,6 +213,9 @@ def read_ds_config(path, world_size, batch_size=None):
         raise ConfigError(f"{path}: not valid JSON ({e})") from None
     if isinstance(cfg, dict):
         check_ds_keys(path, cfg)  # first: a misspelt batch-size key is named as such
+    if isinstance(cfg, dict) and "activation_checkpointing" in cfg:  # read by nothing here
+        raise ConfigError(f'{path}: hvfm does not read the "activation_checkpointing" section; remove '
+                          f'it and pass --activation-checkpointing (each block recomputed in the backward)')
     if isinstance(cfg, dict) and batch_size is not None:
         if batch_size < 1:
             raise ConfigError(f"--batch-size {batch_size}: give a positive number")
