@@ -86,7 +86,9 @@ def train_step(engine, batch, seeds, args, weights, dtype, bad_loss, host_check=
     every gradient is NaN and DeepSpeed's ZeRO overflow check (stages 1-3, fp32 and bf16),
     which engine.step() runs anyway and which all-reduces its flag and reads it on the host,
     skips the update on all ranks and zeroes the gradients. The caller reads `bad_loss` only
-    when a step was skipped, to say whether the loss or the gradients were non-finite.
+    when a step was skipped, to say whether the loss or the gradients were non-finite. With
+    gradient accumulation the whole step is skipped (before: only that micro-batch, the step
+    then waited for one more); with one micro-batch per step, as the shipped configs, the same.
     Without ZeRO DeepSpeed checks nothing: there `host_check` reads the loss (all-reduced so the
     ranks agree) before the backward, the one sync that is then needed."""
     import numpy as np

@@ -177,3 +177,38 @@ def test_nan_injection_parsing_and_counting():
     assert torch.isnan(one.grad)
     assert save_fault("enospc@4:1", 1) == ("enospc", 4) and save_fault("enospc@4:1", 0) is None
     assert save_fault("hang@8", 3) == ("hang", 8) and save_fault("", 0) is None
+
+
+def test_save_guard_records_a_failed_write_and_puts_deepspeed_back(tmp_path):
+    """checkpoint._SaveGuard on a stand-in engine, with the test-side disk-full writer of
+    tests/fault_train.py: the first failed write is recorded (not raised), later writes of that
+    save are skipped, successful ones are fsynced and counted, DeepSpeed's methods come back."""
+    from types import SimpleNamespace
+
+    from fault_train import faulty_writer
+
+    def write(state, path):
+        Path(path).write_bytes(state)
+
+    ce = SimpleNamespace(save=write)
+    engine = SimpleNamespace(checkpoint_engine=ce, _copy_recovery_script=lambda *a: "copied")
+    tmp = tmp_path / ".tmp-step00000004"
+    tmp.mkdir()
+    ce.save = faulty_writer(ce.save, "enospc", 4, rank=0)
+    inner = ce.save
+    guard = checkpoint._SaveGuard(engine)
+    assert ce.save == guard.save
+    guard.save(b"x" * 10, tmp / "a.pt")  # the fault: 1 KiB, then ENOSPC
+    guard.save(b"y", tmp / "b.pt")  # skipped: the save has failed already
+    assert guard.copy() is None
+    guard.restore()
+    assert isinstance(guard.error, OSError) and "No space left" in checkpoint._describe(guard.error)
+    assert (tmp / "a.pt").stat().st_size == 1024 and not (tmp / "b.pt").exists() and guard.files == 0
+    assert ce.save is inner and engine._copy_recovery_script() == "copied"
+
+    other = tmp_path / ".tmp-step00000006"  # another step's save: written, fsynced, counted
+    other.mkdir()
+    guard = checkpoint._SaveGuard(engine)
+    guard.save(b"z", other / "c.pt")
+    guard.restore()
+    assert guard.error is None and guard.files == 1 and (other / "c.pt").read_bytes() == b"z"
