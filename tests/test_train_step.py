@@ -20,6 +20,11 @@ CASES = ("partition:z3", "partition:z3_offload", "nonfinite:z2:fp32", "nonfinite
          "nonfinite:z3:fp32", "nonfinite:z2:fp32:0", "groups:z2")
 
 
+# One launch for the module: ~25 s of CPU, 60-90 s of wall time on 2 shared cores (start-up of 2
+# ranks and 7 engines). CI runs these: nothing else covers the engine-level behaviour.
+SLOW = pytest.mark.slow
+
+
 @pytest.fixture(scope="module")
 def engines(tmp_path_factory):
     out = tmp_path_factory.mktemp("engines") / "checks.json"
@@ -30,6 +35,7 @@ def engines(tmp_path_factory):
     return json.loads(out.read_text())
 
 
+@SLOW
 @pytest.mark.parametrize("config", ["z3", "z3_offload"])
 def test_zero3_thresholds_partition_the_mini_model(engines, config):
     params = engines[f"partition:{config}"]["params"]
@@ -43,6 +49,7 @@ def test_zero3_thresholds_partition_the_mini_model(engines, config):
                for p in split)
 
 
+@SLOW
 @pytest.mark.parametrize("case", ["nonfinite:z2:fp32", "nonfinite:z1:bf16", "nonfinite:z3:fp32"])
 def test_nonfinite_loss_and_gradients_skip_the_update_on_every_rank(engines, case):
     res = engines[case]
@@ -58,6 +65,7 @@ def test_nonfinite_loss_and_gradients_skip_the_update_on_every_rank(engines, cas
     assert clean["skipped"] == 0 and clean["changed"] and clean["finite"] and clean["bad_loss"] == 0.0
 
 
+@SLOW
 def test_without_zero_a_nonfinite_loss_is_caught_before_the_backward(engines):
     res = engines["nonfinite:z2:fp32:0"]
     loss, clean = res["steps"]
@@ -66,10 +74,14 @@ def test_without_zero_a_nonfinite_loss_is_caught_before_the_backward(engines):
     assert clean["returned"] and clean["changed"] and clean["finite"]
 
 
+@SLOW
 def test_bf16_under_zero_accumulates_gradients_in_fp32(engines):
     assert engines["nonfinite:z1:bf16"]["data_types"] == {"grad_accum_dtype": "fp32"}
     assert engines["nonfinite:z1:bf16"]["optimizer"] == "BF16_Optimizer"  # DeepSpeed's fp32-accumulating one
     assert engines["nonfinite:z2:fp32"]["data_types"] is None
+
+
+def test_engine_config_adds_fp32_accumulation_under_bf16_zero():
     cfg = {"zero_optimization": {"stage": 2}, "optimizer": {"params": {"lr": 1e-4}}}
     assert engine_config(cfg, "bf16")["data_types"] == {"grad_accum_dtype": "fp32"}
     assert "data_types" not in engine_config({}, "bf16")  # no ZeRO: DeepSpeed has no such mode
@@ -80,6 +92,7 @@ def test_bf16_under_zero_accumulates_gradients_in_fp32(engines):
     assert cfg["optimizer"]["params"]["lr"] == 1e-4  # the caller's config is not changed
 
 
+@SLOW
 def test_clip_towers_learn_slower_than_fresh_layers_and_time(engines):
     res = engines["groups:z2"]
     base = res["config_lr"]
