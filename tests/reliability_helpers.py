@@ -113,8 +113,14 @@ def env(**extra):
     return e
 
 
-def ds_command(flags, procs, port):
-    return ["deepspeed", "--num_gpus", str(procs), "--master_port", str(port), "hvfm/train.py", *flags]
+FAULT_HOOKS = ("HVFM_TEST_NAN_LOSS", "HVFM_TEST_NAN_GRAD", "HVFM_TEST_SAVE_FAULT")
+
+
+def ds_command(flags, procs, port, hooks=()):
+    """The launcher command: hvfm/train.py, or with a NaN or save fault tests/fault_train.py (the
+    same trainer with those faults injected by a patched deepspeed.initialize)."""
+    script = "tests/fault_train.py" if any(h in FAULT_HOOKS for h in hooks) else "hvfm/train.py"
+    return ["deepspeed", "--num_gpus", str(procs), "--master_port", str(port), script, *flags]
 
 
 def shm_buffers(port, procs=2):
@@ -127,7 +133,7 @@ def run(flags, procs=2, timeout=600, **hooks):
     """Run the trainer to its end (the deepspeed launcher with `procs` ranks); CompletedProcess
     with `.port`, the master port it used."""
     port = free_port()
-    r = subprocess.run(ds_command(flags, procs, port), cwd=ROOT, env=env(**hooks), capture_output=True,
+    r = subprocess.run(ds_command(flags, procs, port, hooks), cwd=ROOT, env=env(**hooks), capture_output=True,
                        text=True, timeout=timeout)
     r.port = port
     return r
@@ -138,7 +144,7 @@ def start(flags, log, procs=2, **hooks):
     loader worker and decoder child, as a node failure would)."""
     out = open(log, "w")
     port = free_port()
-    proc = subprocess.Popen(ds_command(flags, procs, port), cwd=ROOT, env=env(**hooks), stdout=out,
+    proc = subprocess.Popen(ds_command(flags, procs, port, hooks), cwd=ROOT, env=env(**hooks), stdout=out,
                             stderr=subprocess.STDOUT, start_new_session=True)
     proc.port, proc.procs = port, procs
     return proc

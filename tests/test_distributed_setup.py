@@ -4,6 +4,7 @@ import json
 import pytest
 import torch
 
+from hvfm import config, distributed
 from hvfm import train as tm
 
 
@@ -24,8 +25,8 @@ def _record(monkeypatch, calls, rank=1):
 def test_each_rank_binds_its_gpu_before_the_first_collective(monkeypatch):
     calls = []
     _record(monkeypatch, calls)
-    assert tm.init_distributed(cuda=True) == (1, 2)
-    tm.broadcast("runs/x")  # the trainer's first object collective (no --output-dir)
+    assert distributed.init_distributed(cuda=True) == (1, 2)
+    distributed.broadcast("runs/x")  # the trainer's first object collective (no --output-dir)
     # NCCL object collectives stage on the current device: it must be cuda:LOCAL_RANK by then
     assert calls == [("set_device", 1), ("init_process_group", "nccl"), ("broadcast_object_list", 0)]
 
@@ -33,7 +34,7 @@ def test_each_rank_binds_its_gpu_before_the_first_collective(monkeypatch):
 def test_cpu_binds_nothing(monkeypatch):
     calls = []
     _record(monkeypatch, calls, rank=0)
-    tm.init_distributed(cuda=False)
+    distributed.init_distributed(cuda=False)
     assert calls == [("init_process_group", "gloo")]
 
 
@@ -46,7 +47,7 @@ def test_precision_follows_the_config(stated, flag, want):
     cfg = {"train_micro_batch_size_per_gpu": 1, "bf16": {"enabled": False}}
     if stated:
         cfg[stated] = {"enabled": True}
-    precision, why = tm.pick_precision(flag, cuda=True, cfg=cfg, source="c.json")
+    precision, why = config.pick_precision(flag, cuda=True, cfg=cfg, source="c.json")
     assert precision == (want or "bf16")  # auto on a GPU: bf16
     assert why and "\n" not in why
     if stated and flag == "auto":
@@ -56,8 +57,8 @@ def test_precision_follows_the_config(stated, flag, want):
 @pytest.mark.parametrize("stated,flag", [("bf16", "fp32"), ("fp16", "bf16"), ("bf16", "fp16")])
 def test_a_flag_that_contradicts_the_config_is_one_error(stated, flag):
     cfg = {stated: {"enabled": True}}
-    with pytest.raises(tm.ConfigError) as e:
-        tm.pick_precision(flag, cuda=True, cfg=cfg, source="c.json")
+    with pytest.raises(config.ConfigError) as e:
+        config.pick_precision(flag, cuda=True, cfg=cfg, source="c.json")
     msg = str(e.value)
     assert "\n" not in msg and f"--precision {flag}" in msg and "c.json" in msg and stated in msg
 

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from hvfm import checkpoint, config
 from hvfm import train as train_mod
 from hvfm.data import DecodeError, build_loader, build_tokenizer, decode_clip, read_annotations
 from hvfm.data.decode import DecoderProcess
@@ -107,7 +108,7 @@ def test_ds_config_unknown_key_and_unwritable_output_exit_2(tmp_path, capsys):
                     f'"{typo}"', f'"{right}"')
     ok = tmp_path / "comment.json"
     ok.write_text(json.dumps({**cfg, "_comment": "keys starting with _ are comments"}))
-    assert train_mod.read_ds_config(ok, 1)["_comment"]
+    assert config.read_ds_config(ok, 1)["_comment"]
 
     a_file = tmp_path / "file"
     a_file.write_text("not a folder")
@@ -142,32 +143,72 @@ def test_publish_is_atomic_and_resume_drops_recomputed_rows(tmp_path):
     (ckpt / "latest").write_text("step00000002")
     (ckpt / "step00000004").mkdir()  # renamed by a killed run, never named by latest: replaced
     (ckpt / "step00000004" / "stale").write_text("old")
-    train_mod._publish(ckpt, ".tmp-step00000004", "step00000004")
+    checkpoint._publish(ckpt, ".tmp-step00000004", "step00000004")
     assert (ckpt / "latest").read_text() == "step00000004"
     assert sorted(p.name for p in (ckpt / "step00000004").iterdir()) == ["w.pt"]
     assert not (ckpt / ".tmp-step00000004").exists() and not (ckpt / "latest.tmp").exists()
     assert (ckpt / "step00000002").is_dir()
     (ckpt / ".tmp-step00000004").mkdir()
     with pytest.raises(AssertionError, match="latest"):  # never replace the one latest names
-        train_mod._publish(ckpt, ".tmp-step00000004", "step00000004")
+        checkpoint._publish(ckpt, ".tmp-step00000004", "step00000004")
 
     metrics = tmp_path / "metrics.csv"
     metrics.write_text("step,loss\n1,0.5\n2,0.4\n3,0.3\n4,0.2\n")
-    train_mod.truncate_metrics(metrics, 2)
+    checkpoint.truncate_metrics(metrics, 2)
     assert metrics.read_text().split() == ["step,loss", "1,0.5", "2,0.4"]
 
 
-def test_nan_hook_parsing():
-    os.environ["HVFM_TEST_NAN_LOSS"] = "3,4@1,9-"
-    os.environ["HVFM_TEST_NAN_GRAD"] = "6@0"
-    try:
-        r0, r1 = train_mod.TestNaN(0), train_mod.TestNaN(1)
-    finally:
-        del os.environ["HVFM_TEST_NAN_LOSS"], os.environ["HVFM_TEST_NAN_GRAD"]
+def test_nan_injection_parsing_and_counting():
+    """The test-side NaN injector (tests/fault_train.py): ranges, rank filters, the micro-batch
+    count, and a NaN gradient with a finite loss."""
+    from fault_train import NaNInjector, parse_ranges, save_fault
+    assert parse_ranges("3,4@1,9-", 0) == [(3, 3), (9, 10**12)]
+    assert parse_ranges("3,4@1,9-", 1) == [(3, 3), (4, 4), (9, 10**12)]
+    r0, r1 = NaNInjector(0, "3,4@1,9-", "6@0"), NaNInjector(1, "3,4@1,9-", "6@0")
     one = torch.tensor(1.0, requires_grad=True)
-    assert [bool(torch.isnan(r0(one, b))) for b in (2, 3, 4, 9, 10**6)] == [False, True, False, True, True]
-    assert bool(torch.isnan(r1(one, 4)))
-    out = r0(one * 2, 6)
+    nans = [bool(torch.isnan(r0(one))) for _ in range(10)]  # micro-batches 1..10
+    assert nans == [False, False, True, False, False, False, False, False, True, True]
+    r1.fed = 3
+    assert bool(torch.isnan(r1(one)))  # micro-batch 4, rank 1
+    r0.fed = 5
+    out = r0(one * 2)  # micro-batch 6: finite loss, NaN gradient
     assert torch.isfinite(out) and out.item() == 2.0
     out.backward()
     assert torch.isnan(one.grad)
+    assert save_fault("enospc@4:1", 1) == ("enospc", 4) and save_fault("enospc@4:1", 0) is None
+    assert save_fault("hang@8", 3) == ("hang", 8) and save_fault("", 0) is None
+
+
+def test_save_guard_records_a_failed_write_and_puts_deepspeed_back(tmp_path):
+    """checkpoint._SaveGuard on a stand-in engine, with the test-side disk-full writer of
+    tests/fault_train.py: the first failed write is recorded (not raised), later writes of that
+    save are skipped, successful ones are fsynced and counted, DeepSpeed's methods come back."""
+    from types import SimpleNamespace
+
+    from fault_train import faulty_writer
+
+    def write(state, path):
+        Path(path).write_bytes(state)
+
+    ce = SimpleNamespace(save=write)
+    engine = SimpleNamespace(checkpoint_engine=ce, _copy_recovery_script=lambda *a: "copied")
+    tmp = tmp_path / ".tmp-step00000004"
+    tmp.mkdir()
+    ce.save = faulty_writer(ce.save, "enospc", 4, rank=0)
+    inner = ce.save
+    guard = checkpoint._SaveGuard(engine)
+    assert ce.save == guard.save
+    guard.save(b"x" * 10, tmp / "a.pt")  # the fault: 1 KiB, then ENOSPC
+    guard.save(b"y", tmp / "b.pt")  # skipped: the save has failed already
+    assert guard.copy() is None
+    guard.restore()
+    assert isinstance(guard.error, OSError) and "No space left" in checkpoint._describe(guard.error)
+    assert (tmp / "a.pt").stat().st_size == 1024 and not (tmp / "b.pt").exists() and guard.files == 0
+    assert ce.save is inner and engine._copy_recovery_script() == "copied"
+
+    other = tmp_path / ".tmp-step00000006"  # another step's save: written, fsynced, counted
+    other.mkdir()
+    guard = checkpoint._SaveGuard(engine)
+    guard.save(b"z", other / "c.pt")
+    guard.restore()
+    assert guard.error is None and guard.files == 1 and (other / "c.pt").read_bytes() == b"z"

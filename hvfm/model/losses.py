@@ -64,7 +64,10 @@ def gather_no_grad(x: torch.Tensor) -> torch.Tensor:
 
 
 def caption_keys(input_ids, lengths) -> torch.Tensor:
-    """Host int64 key per caption, equal iff the real tokens are equal (up to hash collisions)."""
+    """Host int64 key per caption, equal iff the real tokens are equal (up to hash collisions).
+
+    No device sync in training: `input_ids` is the loader's host tensor (the model moves its
+    own copy to the device), so `.cpu()` is a no-op there."""
     ids = input_ids.detach().cpu().numpy()
     return torch.tensor([hash(tuple(row[:n].tolist())) for row, n in zip(ids, lengths)],
                         dtype=torch.int64)
@@ -135,6 +138,12 @@ def host_pairs(neg_v, neg_t, ok_t, ok_v, batch: int, reverse: int):
 
     Video index `batch + i` means clip i played backwards (for the first `reverse` clips; True
     means all). Rows without a negative are dropped.
+
+    Why the sync stays: the negatives are drawn on the device from the VTC similarities, and the
+    VTM pass packs the chosen texts and clips into varlen sequences, whose cu_seqlens and
+    max_seqlen the attention kernels need on the host (packed layout, no padding). Keeping the
+    indices on the device would mean padding every pair to the longest clip, what the packed
+    path exists to avoid. It is one small copy per step, after the VTC forward.
     """
     h = torch.stack([neg_v, neg_t, ok_t.long(), ok_v.long()]).cpu().numpy()
     r = np.arange(batch)

@@ -1,0 +1,165 @@
+"""The built-in default's orchestration and the run's data: the built-in corpora (clips, or
+stills in stage 1) and tokenizer, the built-in image CLIP (stage 1, trained once by this trainer
+and cached), the before/after evaluation and the closing comparison table."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from hvfm.config import BUILTIN_IMAGE, is_builtin, parse_args
+from hvfm.data import read_annotations
+from hvfm.data.text import clean_caption, ensure_tokenizer
+from hvfm.distributed import broadcast
+
+
+def tok_dir_needed(args):
+    """Neither --tokenizer nor --clip: the run makes its tokenizer (built-in, or trained on the
+    training captions)."""
+    return args.tokenizer is None and args.clip is None
+
+
+def prepare_data(args, out_dir, rank):
+    """(train annotations, eval annotations or None, tokenizer folder or None). With no data flags
+    rank 0 generates the built-in corpus of the stage (stills or clips) and the built-in tokenizer;
+    the others wait at the barrier and load them."""
+    import torch.distributed as dist
+    from hvfm.data.synthetic import ensure_corpus
+    from hvfm.data.synthetic_images import ensure_images
+
+    builtin = is_builtin(args)
+    train = evaluation = None
+    if builtin and args.stage == "image":
+        if rank == 0:
+            ensure_images(seed=args.seed, workers=os.cpu_count(), progress=True)
+        dist.barrier()
+        root = ensure_images(seed=args.seed)
+        train = read_annotations(root / "images.json", root, clean=clean_caption)
+        if not args.eval_json:
+            evaluation = read_annotations(root / "images_test.json", root, clean=clean_caption)
+    elif builtin:
+        if rank == 0:
+            ensure_corpus(workers=os.cpu_count(), progress=True)
+        dist.barrier()
+        corpus = ensure_corpus()
+        train = read_annotations(corpus.train_csv, corpus.train_root, clean=clean_caption)
+        if not args.eval_json:
+            evaluation = read_annotations(corpus.test_json, corpus.test_root, clean=clean_caption)
+    elif args.train_shards:  # their captions (lazy: read only if a tokenizer must be trained)
+        from hvfm.data.shards import shard_captions
+        train = shard_captions(args.train_shards)
+    elif args.train_csv:  # column-wise, this rank's rows only (a WebVid CSV has millions)
+        train = read_annotations(args.train_csv, args.video_root, clean=clean_caption,
+                                 rank=rank, world_size=dist.get_world_size())
+    else:
+        train = read_annotations(args.train_json, args.video_root, clean=clean_caption)
+    if args.eval_json:
+        evaluation = read_annotations(args.eval_json, args.eval_video_root, clean=clean_caption)
+    tok_dir = args.tokenizer
+    if tok_dir_needed(args):
+        if builtin:  # one tokenizer for both built-in corpora; it travels with the image CLIP
+            from hvfm.data.builtin import builtin_tokenizer_dir, ensure_builtin_tokenizer
+            if rank == 0:
+                ensure_builtin_tokenizer(seed=args.seed)
+            dist.barrier()
+            tok_dir = builtin_tokenizer_dir(seed=args.seed)
+        else:
+            tok_dir = out_dir / "tokenizer"
+            if rank == 0:
+                ensure_tokenizer(tok_dir, train)
+            dist.barrier()
+    return train, evaluation, tok_dir
+
+
+
+def run_eval(model, tokenizer, ann, args, size, dtype, label, rank, pool="joint"):
+    """Retrieval with all frames and with one frame (an image model's view); the image stage
+    evaluates stills (one frame). pool "mean": every frame encoded as an image, embeddings
+    averaged (the image CLIP baseline)."""
+    from hvfm.evaluate import evaluate
+    results = {}
+    views = ((1, "one_frame"),) if args.stage == "image" else ((args.frames, "all_frames"), (1, "one_frame"))
+    for frames, key in views:
+        results[key] = evaluate(model, tokenizer, ann, frames=frames, size=size,
+                                workers=min(args.workers, 2), drop_ratio=args.eval_drop_ratio,
+                                dtype=dtype, pool=pool)
+    if rank == 0:
+        for key, r in results.items():
+            what = "1 frame" if key == "one_frame" else f"{args.frames} frames"
+            line = (f"[{label}, {what}] t2v R@1/5/10 {r['t2v_r1']:.1f}/{r['t2v_r5']:.1f}/{r['t2v_r10']:.1f}  "
+                    f"v2t R@1/5/10 {r['v2t_r1']:.1f}/{r['v2t_r5']:.1f}/{r['v2t_r10']:.1f}")
+            if "temporal_acc" in r:
+                line += (f"  temporal acc {r['temporal_acc']:.3f} (motion "
+                         f"{r.get('temporal_acc_motion', float('nan')):.3f}, order "
+                         f"{r.get('temporal_acc_order', float('nan')):.3f}; chance {r['temporal_chance']:.3f})")
+            print(line, flush=True)
+    return results
+
+
+def comparison_table(before, after, frames):
+    """The built-in default's closing table: the image CLIP against the harvested video model."""
+    head = (f"{'':44}{'t2v R@1':>8}{'R@5':>6}{'R@10':>6}{'v2t R@1':>9}{'R@5':>6}{'R@10':>6}"
+            f"{'motion':>8}{'order':>7}")
+    lines = [head]
+    for name, res in (("image CLIP (frames mean-pooled)", before), ("harvested video model", after)):
+        for key, what in (("all_frames", f"{frames} frames"), ("one_frame", "1 frame")):
+            r = res.get(key)
+            if r is None:
+                continue
+            lines.append(f"{name + ', ' + what:44}{r['t2v_r1']:8.1f}{r['t2v_r5']:6.1f}{r['t2v_r10']:6.1f}"
+                         f"{r['v2t_r1']:9.1f}{r['v2t_r5']:6.1f}{r['v2t_r10']:6.1f}"
+                         f"{r.get('temporal_acc_motion', float('nan')):8.3f}"
+                         f"{r.get('temporal_acc_order', float('nan')):7.3f}")
+    lines.append("temporal accuracy: chance 0.25 for motion (4 directions), 0.5 for order (2)")
+    return "\n".join(lines)
+
+
+def image_clip_key(args):
+    """What the built-in image CLIP depends on: a change of any of these builds a new one."""
+    from hvfm.data.builtin import TOKENIZER_VERSION
+    from hvfm.data.synthetic_images import DEFAULT_IMAGES, IMAGE_VERSION
+    return {"preset": args.model, "seed": args.seed, "images": DEFAULT_IMAGES,
+            "image_generator": IMAGE_VERSION, "tokenizer": TOKENIZER_VERSION, **BUILTIN_IMAGE,
+            "max_steps": args.image_steps or BUILTIN_IMAGE["max_steps"]}
+
+
+def ensure_image_clip(args, rank):
+    """The built-in image CLIP (stage 1 on the built-in stills), trained once by this trainer and
+    cached in HVFM_CACHE/image_clip/ keyed by `image_clip_key`. Every rank takes part."""
+    import hashlib
+    import uuid
+
+    import torch.distributed as dist
+    from hvfm.data.synthetic import default_cache_dir
+
+    key = image_clip_key(args)
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
+    folder = default_cache_dir().parent / "image_clip" / f"{args.model}-{digest}"
+    marker = folder / "hvfm_image_clip.json"
+    if marker.exists():
+        if rank == 0:
+            print(f"image CLIP: the built-in one, cached in {folder}", flush=True)
+        return folder
+    tmp = Path(broadcast(str(folder.with_name(f".{folder.name}.tmp-{uuid.uuid4().hex[:8]}"))))
+    if rank == 0:
+        print(f"image CLIP: building the built-in one once (stage 1: the {args.model} preset on "
+              f"the built-in stills, cached in {folder})", flush=True)
+    argv = ["--deepspeed", args.deepspeed, "--stage", "image", "--model", args.model,
+            "--seed", str(args.seed), "--attn", args.attn, "--precision", args.precision,
+            "--workers", str(args.workers), "--output-dir", str(tmp),
+            "--max-steps", str(key["max_steps"]), "--max-minutes", str(key["max_minutes"]),
+            "--drop-ratio", key["drop_ratio"], *(["--verbose"] if args.verbose else [])]
+    from hvfm.train import train  # the same trainer, stage 1 (imported here: it imports this module)
+    summary = train(parse_args(argv), label="image CLIP")
+    if rank == 0:
+        (tmp / "final" / marker.name).write_text(json.dumps({"key": key, "summary": {
+            k: summary[k] for k in ("steps", "wall_s", "eval") if k in summary}}, indent=2))
+        if folder.exists():  # a half-written one (no marker)
+            shutil.rmtree(folder, ignore_errors=True)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        os.rename(tmp / "final", folder)
+        shutil.rmtree(tmp, ignore_errors=True)
+    dist.barrier()
+    return folder
+
