@@ -161,7 +161,7 @@ def _size(path):
         return None
 
 
-def _check_root(root, source):
+def check_root(root, source):
     if root is None:
         raise DataError(f"{source}: no video root given; pass --video-root DIR (the folder the "
                         f"annotation's video paths are relative to)")
@@ -172,7 +172,7 @@ def _check_root(root, source):
     return root
 
 
-def _check_file(path):
+def check_file(path):
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: annotation file not found; check the path")
@@ -189,8 +189,8 @@ def read_webvid_csv(path, video_root, clean=None, rank=0, world_size=1):
     streamed row by row; only the videoid, page_dir and name columns of the kept rows are stored,
     appended to flat utf-8 buffers: a rank of a 10M-row run holds its own 10M / world_size rows
     as a few numpy arrays, never a Python object per row."""
-    path = _check_file(path)
-    root = _check_root(video_root, path)
+    path = check_file(path)
+    root = check_root(video_root, path)
     if not (isinstance(world_size, int) and world_size >= 1 and 0 <= rank < world_size):
         raise ValueError(f"{path}: rank {rank!r} of world size {world_size!r} is not a valid shard")
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
@@ -266,8 +266,8 @@ def read_json_list(path, expected):
 
 def read_json(path, video_root, paragraph=False, clean=None):
     """Read a JSON list of {"video", "caption"} entries (MSR-VTT / DiDeMo style)."""
-    path = _check_file(path)
-    root = _check_root(video_root, path)
+    path = check_file(path)
+    root = check_root(video_root, path)
     entries = read_json_list(path, '{"video": path, "caption": text or [texts]}')
     videos, captions, extra = [], [], []
     for i, e in enumerate(entries):

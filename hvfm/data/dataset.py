@@ -215,7 +215,7 @@ def default_workers(cpus=None, local_ranks=None):
     return max(1, min(8, cpus // max(1, local_ranks) - 1))
 
 
-def _worker_init(worker_id):
+def worker_init(worker_id):
     # Decoding and transforms are single-threaded per worker; many threads per worker oversubscribe.
     torch.set_num_threads(1)
     seed = torch.initial_seed() % 2**32
@@ -319,7 +319,7 @@ def build_loader(ann, tokenizer, *, batch_size, frames=8, size=224, train=True, 
         dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
         collate_fn=Collator(tokenizer, mask_ratio, max_length, seed, mirror, device_transform),
         drop_last=train if drop_last is None else drop_last, pin_memory=pin_memory,
-        worker_init_fn=_worker_init if num_workers else None,
+        worker_init_fn=worker_init if num_workers else None,
         timeout=timeout if num_workers else 0, persistent_workers=num_workers > 0,
         prefetch_factor=2 if num_workers else None)
     return VideoTextLoader(dataset, sampler, loader, timeout if num_workers else 0.0)

@@ -19,13 +19,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .annotations import Annotations, read_json_list
-# Private in annotations.py / dataset.py (files this module must not change); the one place
-# evaluation reaches for them.
-from .annotations import _check_file as check_file
-from .annotations import _check_root as check_root
-from .dataset import Collator, VideoTextDataset
-from .dataset import _worker_init as worker_init
+from .annotations import Annotations, check_file, check_root, read_json_list
+from .dataset import Collator, VideoTextDataset, worker_init
 from .decode import DecodeError
 from .errors import DataError
 from .text import clean_caption

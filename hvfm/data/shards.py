@@ -45,7 +45,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from .dataset import COUNTERS, Collator, VideoTextLoader, _rng, _worker_init
+from .dataset import COUNTERS, Collator, VideoTextLoader, _rng, worker_init
 from .decode import DecodeError, _resize_frames, decode_size, sample_indices
 from .errors import DataError
 from .text import MAX_LENGTH, clean_caption, swap_left_right
@@ -376,7 +376,7 @@ def build_shard_loader(spec, tokenizer, *, batch_size, frames=8, size=224, seed=
                            seed=seed, shuffle_buffer=shuffle_buffer, decoder=decoder,
                            max_retries=max_retries, crop_scale=crop_scale, clean=clean)
     loader = DataLoader(dataset, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
-                        worker_init_fn=_worker_init if num_workers else None,
+                        worker_init_fn=worker_init if num_workers else None,
                         timeout=timeout if num_workers else 0, persistent_workers=False,
                         prefetch_factor=2 if num_workers else None)
     out = ShardLoader(dataset, loader, timeout if num_workers else 0.0)
