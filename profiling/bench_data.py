@@ -54,14 +54,16 @@ RGB = {"red": (220, 40, 40), "green": (40, 190, 60), "blue": (50, 90, 240), "yel
 # ----------------------------------------------------------------------------- the clips
 
 def _texture(rng, w, h):
-    """A smooth colour texture (upsampled noise plus finer detail), uint8 (h, w, 3)."""
-    import torch
-    import torch.nn.functional as F
-    out = 0
+    """A smooth colour texture (upsampled noise plus finer detail), uint8 (h, w, 3). PIL, not
+    torch: this runs in forked workers, where torch's OpenMP pool (used by the parent) deadlocks."""
+    from PIL import Image
+    out = np.zeros((h, w, 3), np.float32)
     for cells, amp in ((8, 90.0), (32, 40.0), (128, 25.0), (320, 15.0)):
-        noise = torch.from_numpy(rng.standard_normal((1, 3, cells * h // w + 1, cells)).astype(np.float32))
-        out = out + amp * F.interpolate(noise, size=(h, w), mode="bicubic", align_corners=False)
-    return (out[0].permute(1, 2, 0).numpy() + 110).clip(0, 255).astype(np.uint8)
+        noise = rng.standard_normal((3, cells * h // w + 1, cells)).astype(np.float32)
+        for c in range(3):
+            up = Image.fromarray(noise[c], mode="F").resize((w, h), Image.BICUBIC)
+            out[:, :, c] += amp * np.asarray(up)
+    return (out + 110).clip(0, 255).astype(np.uint8)
 
 
 def make_clip(task):
