@@ -14,7 +14,9 @@ causal or not; `python -m kernels._compile_check`) within shared memory and regi
 spilling. Removed after that check: the configs that spilled, worst of all the dK/dV tiles with
 128 keys on sm_80 at head dim 128 (8.1-13.1 KB of spill stores per thread: 16x128 and 32x128 at
 4 warps, 64x128 at 8 warps), and the tiles at the 255-register cap (128x64 or 64x64 at 4 warps,
-...) that spilled 20-650 bytes (stores + loads), mostly on sm_80. Numbers: bf16, Triton 3.7.1.
+...) that spilled 20-650 bytes (stores + loads), mostly on sm_80; also forward 128x64 at 8 warps
+and dQ 32x64 at 8 warps (16-40 bytes, causal, head dim 128) and the patch-embed tile 128x256x32
+(~600 bytes). Numbers: Triton 3.7.1 and its bundled ptxas.
 """
 from __future__ import annotations
 
@@ -42,14 +44,14 @@ def short_queries(tune_class: int) -> bool:
 
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel and query class
-_FWD = {"long": [(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 8, 2), (64, 32, 4, 3)],
+_FWD = {"long": [(128, 32, 8, 3), (64, 64, 8, 2), (64, 32, 4, 3)],
         "short": [(16, 64, 4, 2), (16, 128, 4, 2), (32, 64, 8, 2), (32, 128, 4, 2),
                   (64, 128, 8, 2)]}
 # dK/dV holds BLOCK_N keys and loops over BLOCK_M queries; dQ holds BLOCK_M queries
 _DKDV = {"long": [(64, 32, 4, 3), (64, 32, 8, 2), (128, 32, 8, 2), (32, 64, 8, 2), (32, 64, 8, 3)],
          "short": [(16, 32, 4, 2), (16, 64, 4, 2), (16, 64, 8, 2), (32, 64, 8, 2)]}
 _DQ = {"long": [(64, 32, 4, 3), (64, 32, 8, 2), (32, 64, 4, 2)],
-       "short": [(16, 32, 4, 2), (16, 64, 8, 2), (16, 128, 4, 2), (32, 64, 4, 2), (32, 64, 8, 2)]}
+       "short": [(16, 32, 4, 2), (16, 64, 8, 2), (16, 128, 4, 2), (32, 64, 4, 2)]}
 
 
 class _Table:
@@ -99,4 +101,4 @@ def patch_embed_configs(interpret: bool = INTERPRET):
         return [_cfg(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64)]
     return [_cfg(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, num_warps=w, num_stages=s)
             for m, n, k, w, s in [(64, 128, 64, 4, 3), (128, 128, 64, 8, 3), (128, 64, 64, 4, 3),
-                                  (64, 64, 64, 4, 4), (128, 256, 32, 8, 3)]]
+                                  (64, 64, 64, 4, 4)]]

@@ -4,7 +4,7 @@ shared memory and registers and without spills.
 
 CI compiles the representative subset (`--subset`: every attention config of every shape class,
 bf16, head dim 128 where registers and shared memory are tightest, non-causal, sm_80 and sm_90).
-The full grid (bf16 + fp16, head dims 32/64/80/128, causal both ways, the preprocess and
+The full grid (bf16 + fp16, head dims 64 and 128, causal both ways, the preprocess and
 patch-embed kernels too) takes several minutes on 2 cores: `test_full_grid` runs it when
 HVFM_COMPILE_ALL=1 (marked slow).
 """
