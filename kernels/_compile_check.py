@@ -47,7 +47,8 @@ SUBSET = dict(archs=ARCHS, dtypes=("bf16",), head_dims=(128,), causal=(False,),
 def _variants(archs, dtypes, head_dims, causal_modes, kernels):
     """(kernel, arch, dtype, head_dim, causal, config index, classes) of every compile."""
     from . import _config
-    tables = {"fwd": _config.attention_fwd_table(False), "dkdv": _config.attention_dkdv_table(False),
+    tables = {"fwd": _config.attention_fwd_table(False),
+              "dkdv": _config.attention_dkdv_table(False),
               "dq": _config.attention_dq_table(False)}
     out = []
     for arch in archs:
@@ -192,7 +193,8 @@ def compile_one(variant) -> dict:
                    dot="wgmma" if "wgmma" in ptx else "mma" if "mma.sync" in ptx else "no-mma")
         row["status"] = "ok"
     except Exception as e:  # noqa: BLE001 -- reported as a failed row
-        row["status"] = f"FAILED: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+        first = str(e).splitlines()[0][:200] if str(e) else ""
+        row["status"] = f"FAILED: {type(e).__name__}: {first}"
     row["seconds"] = round(time.perf_counter() - t0, 2)
     return row
 

@@ -71,7 +71,8 @@ _DQ = attention_dq_table()
 _KEY = ["HEAD_DIM", "CAUSAL", "tune_class"]
 
 
-@triton.autotune(configs=_FWD.configs, key=_KEY, prune_configs_by={"early_config_prune": _FWD.prune})
+@triton.autotune(configs=_FWD.configs, key=_KEY,
+                 prune_configs_by={"early_config_prune": _FWD.prune})
 @triton.jit(do_not_specialize=["tune_class"])
 def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K, qk_scale, sq_t, sq_h, sk_t, sk_h, sv_t, sv_h,
                 so_t, so_h, H, tune_class, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -186,7 +187,8 @@ def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K, qk_scale, sm_scale
              mask=m2)
 
 
-@triton.autotune(configs=_DQ.configs, key=_KEY, prune_configs_by={"early_config_prune": _DQ.prune})
+@triton.autotune(configs=_DQ.configs, key=_KEY,
+                 prune_configs_by={"early_config_prune": _DQ.prune})
 @triton.jit(do_not_specialize=["tune_class"])
 def _dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K, qk_scale, sm_scale,
                sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, sd_t, sd_h, sdq_t, sdq_h,

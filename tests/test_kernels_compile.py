@@ -37,8 +37,8 @@ def _run(args, tmp_path, timeout):
     """The check as a user runs it, without TRITON_INTERPRET (compiled-mode kernels)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = tmp_path / "rows.json"
-    res = subprocess.run([sys.executable, "-m", "kernels._compile_check", *args, "--json", str(out)],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    cmd = [sys.executable, "-m", "kernels._compile_check", *args, "--json", str(out)]
+    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     rows = json.loads(out.read_text()) if out.exists() else []
     return res, rows
 

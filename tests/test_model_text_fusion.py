@@ -6,7 +6,8 @@ import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-from hvfm.model import FusionEncoder, TextEncoder, Varlen, gather_sequences, host_lengths  # noqa: E402
+from hvfm.model import (FusionEncoder, TextEncoder, Varlen, gather_sequences,  # noqa: E402
+                        host_lengths)
 from hvfm.model.testing import tiny_clip, tiny_tokenizer  # noqa: E402
 
 CAPTIONS = ["a red ball moves left", "the box", "a blue square jumps then turns slowly", "up"]
@@ -111,7 +112,8 @@ def test_fusion_projects_each_clip_once(tok, clip, attn):
         else:
             gx, gs = gather_sequences(vx, vs, index)
             h = fusion(tokens, t.varlen, gx, gs)
-        (fusion.vtm_logits(h, t.varlen).square().sum() + fusion.mlm_head(h).logsumexp(-1).sum()).backward()
+        loss = fusion.vtm_logits(h, t.varlen).square().sum() + fusion.mlm_head(h).logsumexp(-1).sum()
+        loss.backward()
         results.append((h.detach(), vx.grad, _grads(fusion), list(seen)))
     for hk in hooks:
         hk.remove()
