@@ -9,6 +9,11 @@ no atomics (deterministic), no O(L^2) memory.
 Sequence bounds come from cu_seqlens loaded inside the kernels; max_seqlen only sizes the grid
 and never reaches a kernel, so new lengths do not recompile. Programs past their sequence's end
 return at once. Nothing here reads a device value on the host (no sync).
+
+Tiles are loaded in the inputs' dtype and fed to tl.dot as they are (fp32 accumulation); only
+the computed probabilities / dS are cast down. Autotuning is per head dim, causal flag and shape
+class (`_config.attention_class` of the host max lengths): video self-attention and the fusion
+encoder's cross-attention (~20 queries) are tuned apart, each over its own configs.
 """
 
 import math
@@ -18,8 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._config import (INTERPRET, attention_bwd_configs, attention_fwd_configs,
-                      preprocess_configs)
+from ._config import (INTERPRET, attention_class, attention_dkdv_table, attention_dq_table,
+                      attention_fwd_table, preprocess_configs)
 
 LOG2E = 1.4426950408889634
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -27,7 +32,8 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 @triton.jit
 def _operand(x, ptr, DOT_F32: tl.constexpr):
-    """A tl.dot operand: fp32 under the interpreter, the input dtype (tensor cores) on a GPU."""
+    """A computed fp32 tile as a tl.dot operand: fp32 under the interpreter, the input dtype
+    (tensor cores) on a GPU."""
     if not DOT_F32:
         x = x.to(ptr.dtype.element_ty)
     return x
@@ -40,9 +46,11 @@ def _bounds(CU, b):
 
 
 @triton.jit
-def _tile(ptr, rows, row_ok, st, offs_d, d_ok, TRANS: tl.constexpr):
-    """fp32 (rows, d) tile of a packed (total, H, D) tensor at head offset already in `ptr`;
-    (d, rows) with TRANS. Masked entries are 0."""
+def _tile(ptr, rows, row_ok, st, offs_d, d_ok, TRANS: tl.constexpr, DOT_F32: tl.constexpr):
+    """(rows, d) tile of a packed (total, H, D) tensor at head offset already in `ptr`; (d, rows)
+    with TRANS. Masked entries are 0. Loaded in the tensor's own dtype, ready for tl.dot (no
+    upcast: an fp32 copy of a bf16 tile doubles its registers); with DOT_F32 (the interpreter,
+    which holds bf16 as raw integers and dots in fp32) upcast to fp32 right after the load."""
     r = rows.to(tl.int64)
     if TRANS:
         x = tl.load(ptr + r[None, :] * st + offs_d[:, None], mask=row_ok[None, :] & d_ok[:, None],
@@ -50,13 +58,24 @@ def _tile(ptr, rows, row_ok, st, offs_d, d_ok, TRANS: tl.constexpr):
     else:
         x = tl.load(ptr + r[:, None] * st + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :],
                     other=0.0)
-    return x.to(tl.float32)
+    if DOT_F32:
+        x = x.to(tl.float32)
+    return x
 
 
-@triton.autotune(configs=attention_fwd_configs(), key=["HEAD_DIM", "CAUSAL"])
-@triton.jit
+_FWD = attention_fwd_table()
+_DKDV = attention_dkdv_table()
+_DQ = attention_dq_table()
+# tune_class (see _config.attention_class) is an autotune key only: the kernels ignore it, and
+# it is not specialised, so it never causes a compilation of its own
+_KEY = ["HEAD_DIM", "CAUSAL", "tune_class"]
+
+
+@triton.autotune(configs=_FWD.configs, key=_KEY,
+                 prune_configs_by={"early_config_prune": _FWD.prune})
+@triton.jit(do_not_specialize=["tune_class"])
 def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K, qk_scale, sq_t, sq_h, sk_t, sk_h, sv_t, sv_h,
-                so_t, so_h, H, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                so_t, so_h, H, tune_class, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                 CAUSAL: tl.constexpr, DOT_F32: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
@@ -69,7 +88,7 @@ def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K, qk_scale, sq_t, sq_h, sk_t, sk_h, s
     rows = m_start + tl.arange(0, BLOCK_M)
     offs_n, offs_d = tl.arange(0, BLOCK_N), tl.arange(0, BLOCK_D)
     row_ok, d_ok = rows < Lq, offs_d < HEAD_DIM
-    q = _operand(_tile(Q + h * sq_h, q0 + rows, row_ok, sq_t, offs_d, d_ok, False), Q, DOT_F32)
+    q = _tile(Q + h * sq_h, q0 + rows, row_ok, sq_t, offs_d, d_ok, False, DOT_F32)
     if CAUSAL:  # bottom-right: row i sees keys j <= i + Lk - Lq
         last = tl.minimum(m_start + BLOCK_M, Lq) - 1
         hi = tl.minimum(tl.maximum(last + 1 + Lk - Lq, 0), Lk)
@@ -81,9 +100,9 @@ def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K, qk_scale, sq_t, sq_h, sk_t, sk_h, s
     for n_start in range(0, hi, BLOCK_N):
         cols = n_start + offs_n
         col_ok = cols < Lk
-        kT = _tile(K + h * sk_h, k0 + cols, col_ok, sk_t, offs_d, d_ok, True)
-        v = _tile(V + h * sv_h, k0 + cols, col_ok, sv_t, offs_d, d_ok, False)
-        s = tl.dot(q, _operand(kT, K, DOT_F32), input_precision="ieee") * qk_scale
+        kT = _tile(K + h * sk_h, k0 + cols, col_ok, sk_t, offs_d, d_ok, True, DOT_F32)
+        v = _tile(V + h * sv_h, k0 + cols, col_ok, sv_t, offs_d, d_ok, False, DOT_F32)
+        s = tl.dot(q, kT, input_precision="ieee") * qk_scale
         ok = col_ok[None, :]
         if CAUSAL:
             ok = ok & (cols[None, :] <= rows[:, None] + (Lk - Lq))
@@ -93,8 +112,7 @@ def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K, qk_scale, sq_t, sq_h, sk_t, sk_h, s
         p = tl.exp2(s - m_safe[:, None])
         alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(_operand(p, V, DOT_F32), _operand(v, V, DOT_F32),
-                                            input_precision="ieee")
+        acc = acc * alpha[:, None] + tl.dot(_operand(p, V, DOT_F32), v, input_precision="ieee")
         m_i = m_new
     has_key = l_i > 0.0
     l_safe = tl.where(has_key, l_i, 1.0)
@@ -114,16 +132,17 @@ def _delta_kernel(O, DO, DELTA, n_rows, so_t, so_h, sd_t, sd_h, H, HEAD_DIM: tl.
     h = tl.program_id(1)
     offs_d = tl.arange(0, BLOCK_D)
     row_ok, d_ok = rows < n_rows, offs_d < HEAD_DIM
-    o = _tile(O + h * so_h, rows, row_ok, so_t, offs_d, d_ok, False)
-    do = _tile(DO + h * sd_h, rows, row_ok, sd_t, offs_d, d_ok, False)
+    o = _tile(O + h * so_h, rows, row_ok, so_t, offs_d, d_ok, False, True)  # fp32 math
+    do = _tile(DO + h * sd_h, rows, row_ok, sd_t, offs_d, d_ok, False, True)
     tl.store(DELTA + rows.to(tl.int64) * H + h, tl.sum(o * do, 1), mask=row_ok)
 
 
-@triton.autotune(configs=attention_bwd_configs(), key=["HEAD_DIM", "CAUSAL"])
-@triton.jit
+@triton.autotune(configs=_DKDV.configs, key=_KEY,
+                 prune_configs_by={"early_config_prune": _DKDV.prune})
+@triton.jit(do_not_specialize=["tune_class"])
 def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K, qk_scale, sm_scale,
                  sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, sd_t, sd_h, sdk_t, sdk_h, sdv_t, sdv_h,
-                 H, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
+                 H, tune_class, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
                  DOT_F32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_n, pid_bh = tl.program_id(0), tl.program_id(1)
     b, h = pid_bh // H, pid_bh % H
@@ -135,8 +154,8 @@ def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K, qk_scale, sm_scale
     cols = n_start + tl.arange(0, BLOCK_N)
     offs_m, offs_d = tl.arange(0, BLOCK_M), tl.arange(0, BLOCK_D)
     col_ok, d_ok = cols < Lk, offs_d < HEAD_DIM
-    k = _operand(_tile(K + h * sk_h, k0 + cols, col_ok, sk_t, offs_d, d_ok, False), K, DOT_F32)
-    v = _operand(_tile(V + h * sv_h, k0 + cols, col_ok, sv_t, offs_d, d_ok, False), V, DOT_F32)
+    k = _tile(K + h * sk_h, k0 + cols, col_ok, sk_t, offs_d, d_ok, False, DOT_F32)
+    v = _tile(V + h * sv_h, k0 + cols, col_ok, sv_t, offs_d, d_ok, False, DOT_F32)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     if CAUSAL:  # the first query row that sees key n_start
@@ -146,22 +165,20 @@ def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K, qk_scale, sm_scale
     for m_start in range(lo, Lq, BLOCK_M):
         rows = m_start + offs_m
         row_ok = rows < Lq
-        qT = _tile(Q + h * sq_h, q0 + rows, row_ok, sq_t, offs_d, d_ok, True)
-        doT = _tile(DO + h * sd_h, q0 + rows, row_ok, sd_t, offs_d, d_ok, True)
+        qT = _tile(Q + h * sq_h, q0 + rows, row_ok, sq_t, offs_d, d_ok, True, DOT_F32)
+        doT = _tile(DO + h * sd_h, q0 + rows, row_ok, sd_t, offs_d, d_ok, True, DOT_F32)
         r = (q0 + rows).to(tl.int64)
         lse = tl.load(LSE + r * H + h, mask=row_ok, other=float("inf"))
         delta = tl.load(DELTA + r * H + h, mask=row_ok, other=0.0)
-        sT = tl.dot(k, _operand(qT, Q, DOT_F32), input_precision="ieee") * qk_scale
+        sT = tl.dot(k, qT, input_precision="ieee") * qk_scale
         ok = col_ok[:, None] & row_ok[None, :]
         if CAUSAL:
             ok = ok & (cols[:, None] <= rows[None, :] + (Lk - Lq))
         pT = tl.where(ok, tl.exp2(sT - lse[None, :]), 0.0)
-        dv += tl.dot(_operand(pT, V, DOT_F32), _operand(tl.trans(doT), V, DOT_F32),
-                     input_precision="ieee")
-        dpT = tl.dot(v, _operand(doT, V, DOT_F32), input_precision="ieee")
+        dv += tl.dot(_operand(pT, V, DOT_F32), tl.trans(doT), input_precision="ieee")
+        dpT = tl.dot(v, doT, input_precision="ieee")
         dsT = pT * (dpT - delta[None, :])
-        dk += tl.dot(_operand(dsT, K, DOT_F32), _operand(tl.trans(qT), K, DOT_F32),
-                     input_precision="ieee")
+        dk += tl.dot(_operand(dsT, K, DOT_F32), tl.trans(qT), input_precision="ieee")
     c = (k0 + cols).to(tl.int64)
     m2 = col_ok[:, None] & d_ok[None, :]
     tl.store(DK + h * sdk_h + c[:, None] * sdk_t + offs_d[None, :],
@@ -170,11 +187,12 @@ def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K, qk_scale, sm_scale
              mask=m2)
 
 
-@triton.autotune(configs=attention_bwd_configs(), key=["HEAD_DIM", "CAUSAL"])
-@triton.jit
+@triton.autotune(configs=_DQ.configs, key=_KEY,
+                 prune_configs_by={"early_config_prune": _DQ.prune})
+@triton.jit(do_not_specialize=["tune_class"])
 def _dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K, qk_scale, sm_scale,
                sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, sd_t, sd_h, sdq_t, sdq_h,
-               H, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
+               H, tune_class, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
                DOT_F32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
     b, h = pid_bh // H, pid_bh % H
@@ -186,8 +204,8 @@ def _dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K, qk_scale, sm_scale,
     rows = m_start + tl.arange(0, BLOCK_M)
     offs_n, offs_d = tl.arange(0, BLOCK_N), tl.arange(0, BLOCK_D)
     row_ok, d_ok = rows < Lq, offs_d < HEAD_DIM
-    q = _operand(_tile(Q + h * sq_h, q0 + rows, row_ok, sq_t, offs_d, d_ok, False), Q, DOT_F32)
-    do = _operand(_tile(DO + h * sd_h, q0 + rows, row_ok, sd_t, offs_d, d_ok, False), V, DOT_F32)
+    q = _tile(Q + h * sq_h, q0 + rows, row_ok, sq_t, offs_d, d_ok, False, DOT_F32)
+    do = _tile(DO + h * sd_h, q0 + rows, row_ok, sd_t, offs_d, d_ok, False, DOT_F32)
     r = (q0 + rows).to(tl.int64)
     lse = tl.load(LSE + r * H + h, mask=row_ok, other=float("inf"))
     delta = tl.load(DELTA + r * H + h, mask=row_ok, other=0.0)
@@ -200,17 +218,16 @@ def _dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K, qk_scale, sm_scale,
     for n_start in range(0, hi, BLOCK_N):
         cols = n_start + offs_n
         col_ok = cols < Lk
-        kT = _tile(K + h * sk_h, k0 + cols, col_ok, sk_t, offs_d, d_ok, True)
-        vT = _tile(V + h * sv_h, k0 + cols, col_ok, sv_t, offs_d, d_ok, True)
-        s = tl.dot(q, _operand(kT, K, DOT_F32), input_precision="ieee") * qk_scale
+        kT = _tile(K + h * sk_h, k0 + cols, col_ok, sk_t, offs_d, d_ok, True, DOT_F32)
+        vT = _tile(V + h * sv_h, k0 + cols, col_ok, sv_t, offs_d, d_ok, True, DOT_F32)
+        s = tl.dot(q, kT, input_precision="ieee") * qk_scale
         ok = row_ok[:, None] & col_ok[None, :]
         if CAUSAL:
             ok = ok & (cols[None, :] <= rows[:, None] + (Lk - Lq))
         p = tl.where(ok, tl.exp2(s - lse[:, None]), 0.0)
-        dp = tl.dot(do, _operand(vT, V, DOT_F32), input_precision="ieee")
+        dp = tl.dot(do, vT, input_precision="ieee")
         ds = p * (dp - delta[:, None])
-        dq += tl.dot(_operand(ds, K, DOT_F32), _operand(tl.trans(kT), K, DOT_F32),
-                     input_precision="ieee")
+        dq += tl.dot(_operand(ds, K, DOT_F32), tl.trans(kT), input_precision="ieee")
     tl.store(DQ + h * sdq_h + r[:, None] * sdq_t + offs_d[None, :],
              (dq * sm_scale).to(DQ.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
 
@@ -224,6 +241,33 @@ def _common(q):
     return dict(HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)), DOT_F32=INTERPRET)
 
 
+# Launch arguments, built in one place for the launches below and for kernels._compile_check
+# (which compiles every config from the same arguments, specialised as a launch would).
+
+def fwd_args(q, k, v, o, lse, cu_q, cu_k, scale, causal, tune_class):
+    H = q.shape[1]
+    args = (q, k, v, o, lse, cu_q, cu_k, scale * LOG2E, *_head_args(q), *_head_args(k),
+            *_head_args(v), *_head_args(o), H, tune_class)
+    return args, dict(CAUSAL=causal, **_common(q))
+
+
+def delta_args(o, do, delta):
+    c = _common(o)
+    return (o, do, delta, o.shape[0], *_head_args(o), *_head_args(do), o.shape[1]), \
+        dict(HEAD_DIM=c["HEAD_DIM"], BLOCK_D=c["BLOCK_D"])
+
+
+def bwd_args(q, k, v, do, lse, delta, dq, dk, dv, cu_q, cu_k, scale, causal, tune_class):
+    """(dK/dV args, dQ args, shared kwargs)."""
+    H = q.shape[1]
+    head = (cu_q, cu_k, scale * LOG2E, scale, *_head_args(q), *_head_args(k), *_head_args(v),
+            *_head_args(do))
+    dkdv = (q, k, v, do, lse, delta, dk, dv, *head, *_head_args(dk), *_head_args(dv), H,
+            tune_class)
+    dqa = (q, k, v, do, lse, delta, dq, *head, *_head_args(dq), H, tune_class)
+    return dkdv, dqa, dict(CAUSAL=causal, **_common(q))
+
+
 class _VarlenAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, out):
@@ -233,11 +277,11 @@ class _VarlenAttention(torch.autograd.Function):
         lse = torch.empty(total_q, H, device=q.device, dtype=torch.float32)
         if out is not None:
             ctx.mark_dirty(o)
+        tune = attention_class(max_q, max_k)
         if total_q and B * H and max_q > 0:
             grid = lambda meta: (triton.cdiv(max_q, meta["BLOCK_M"]), B * H)  # noqa: E731
-            _fwd_kernel[grid](q, k, v, o, lse, cu_q, cu_k, scale * LOG2E, *_head_args(q),
-                              *_head_args(k), *_head_args(v), *_head_args(o), H,
-                              CAUSAL=causal, **_common(q))
+            args, kw = fwd_args(q, k, v, o, lse, cu_q, cu_k, scale, causal, tune)
+            _fwd_kernel[grid](*args, **kw)
         ctx.save_for_backward(q, k, v, o, lse, cu_q, cu_k)
         ctx.meta = (max_q, max_k, causal, scale)
         return o
@@ -252,18 +296,13 @@ class _VarlenAttention(torch.autograd.Function):
         dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
         if total_q == 0 or k.shape[0] == 0 or B * H == 0 or max_q <= 0 or max_k <= 0:
             return dq, dk, dv, *([None] * 7)
-        c = _common(q)
         delta = torch.empty_like(lse)
-        _delta_kernel[lambda meta: (triton.cdiv(total_q, meta["BLOCK_M"]), H)](
-            o, do, delta, total_q, *_head_args(o), *_head_args(do), H,
-            HEAD_DIM=c["HEAD_DIM"], BLOCK_D=c["BLOCK_D"])
-        strides = (*_head_args(q), *_head_args(k), *_head_args(v), *_head_args(do))
-        _dkdv_kernel[lambda meta: (triton.cdiv(max_k, meta["BLOCK_N"]), B * H)](
-            q, k, v, do, lse, delta, dk, dv, cu_q, cu_k, scale * LOG2E, scale, *strides,
-            *_head_args(dk), *_head_args(dv), H, CAUSAL=causal, **c)
-        _dq_kernel[lambda meta: (triton.cdiv(max_q, meta["BLOCK_M"]), B * H)](
-            q, k, v, do, lse, delta, dq, cu_q, cu_k, scale * LOG2E, scale, *strides,
-            *_head_args(dq), H, CAUSAL=causal, **c)
+        args, kw = delta_args(o, do, delta)
+        _delta_kernel[lambda meta: (triton.cdiv(total_q, meta["BLOCK_M"]), H)](*args, **kw)
+        dkdv, dqa, kw = bwd_args(q, k, v, do, lse, delta, dq, dk, dv, cu_q, cu_k, scale, causal,
+                                 attention_class(max_q, max_k))
+        _dkdv_kernel[lambda meta: (triton.cdiv(max_k, meta["BLOCK_N"]), B * H)](*dkdv, **kw)
+        _dq_kernel[lambda meta: (triton.cdiv(max_q, meta["BLOCK_M"]), B * H)](*dqa, **kw)
         return dq, dk, dv, *([None] * 7)
 
 

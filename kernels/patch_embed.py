@@ -66,24 +66,31 @@ def _patch_embed_kernel(X, IDX, CU, W, BIAS, POS_S, POS_T, OUT, n_rows, n_seq, n
              mask=m2)
 
 
+def launch_args(pixels, keep_idx, cu, weight, bias, pos_s, pos_t, out):
+    """(args, kwargs) of a `_patch_embed_kernel` launch; also used by kernels._compile_check."""
+    B, _, _, S_h, S_w = pixels.shape
+    D, p = weight.shape[0], weight.shape[-1]
+    hp, wp = S_h // p, S_w // p
+    w2 = weight.reshape(D, -1).contiguous()
+    extra = [x.contiguous() if x is not None else w2 for x in (bias, pos_s, pos_t)]
+    args = (pixels, keep_idx, cu, w2, *extra, out, keep_idx.shape[0], B, B.bit_length() + 1,
+            *pixels.stride(), wp, hp * wp, p, D, w2.shape[1])
+    return args, dict(HAS_BIAS=bias is not None, HAS_POS_S=pos_s is not None,
+                      HAS_POS_T=pos_t is not None, DOT_F32=INTERPRET)
+
+
 class _PatchEmbedGather(torch.autograd.Function):
     @staticmethod
     def forward(ctx, pixels, keep_idx, cu, weight, bias, pos_s, pos_t):
-        B, T, C, S_h, S_w = pixels.shape
-        D, p = weight.shape[0], weight.shape[-1]
-        hp, wp = S_h // p, S_w // p
+        B = pixels.shape[0]
+        D = weight.shape[0]
         n = keep_idx.shape[0]
-        w2 = weight.reshape(D, -1).contiguous()
-        extra = [x.contiguous() if x is not None else None for x in (bias, pos_s, pos_t)]
         out = torch.empty(n, D, device=weight.device, dtype=weight.dtype)
         if n and B:
             def grid(meta):
                 return triton.cdiv(n, meta["BLOCK_M"]), triton.cdiv(D, meta["BLOCK_N"])
-            _patch_embed_kernel[grid](
-                pixels, keep_idx, cu, w2, *[x if x is not None else w2 for x in extra], out,
-                n, B, B.bit_length() + 1, *pixels.stride(), wp, hp * wp, p, D, w2.shape[1],
-                HAS_BIAS=bias is not None, HAS_POS_S=pos_s is not None,
-                HAS_POS_T=pos_t is not None, DOT_F32=INTERPRET)
+            args, kw = launch_args(pixels, keep_idx, cu, weight, bias, pos_s, pos_t, out)
+            _patch_embed_kernel[grid](*args, **kw)
         ctx.save_for_backward(pixels, keep_idx, cu)
         ctx.meta = (weight.shape, bias is not None,
                     None if pos_s is None else pos_s.shape, None if pos_t is None else pos_t.shape)

@@ -12,7 +12,8 @@ gather+matmul at 50/75/90% drop (ViT-B/16, 224 px, 8 frames, batch 32).
 TFLOP/s count useful work only (attention fwd 4*sum(Lq*Lk)*D*H, bwd 2.5x; patch embed
 2*kept*C*p*p*D; backward of the embedding 1x more). Ratios divide two rates measured in this run.
 Without CUDA the same cases run tiny, fp32, under the Triton interpreter: those times mean nothing.
-Writes JSON (machine, versions, commit, every measurement) and prints a table.
+Writes JSON (machine, versions, commit, every measurement, and for each attention case its
+autotune shape class and the configs chosen for it) and prints a table.
 """
 import argparse
 import os
@@ -144,8 +145,24 @@ def bench_attention(quick, dtype, dev, measure):
             ms = measure(fwd_bwd)
             rows.append(dict(kernel="attention", case=name, impl=impl, mode="fwd+bwd", ms=ms,
                              tflops=3.5 * flops / ms / 1e9))
+            if impl == "triton":  # the configs autotuning chose for this case's shape class
+                tuned = tuned_configs(max(lq), max(lk))
+                rows[-2]["tuned"] = rows[-1]["tuned"] = tuned
+                print(f"{name}: shape class {tuned['class']}, tuned {tuned}")
         del q, k, v, tensors, impls
     return rows
+
+
+def tuned_configs(max_q, max_k):
+    """Shape class of a call and the config each attention kernel runs with for it (the
+    autotuner's pick on a GPU; the single interpreter config otherwise)."""
+    from kernels import _config
+    from kernels import attention as KA
+    out = {"class": _config.attention_class(max_q, max_k)}
+    for name, kern in (("fwd", KA._fwd_kernel), ("dkdv", KA._dkdv_kernel), ("dq", KA._dq_kernel)):
+        cfg = getattr(kern, "best_config", None) or kern.configs[0]
+        out[name] = dict(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return out
 
 
 def bench_patch_embed(quick, dtype, dev, measure):

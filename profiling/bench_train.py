@@ -159,6 +159,8 @@ def train_flops(s: ModelShape, video_lens, text_lens, masked, reverse=True):
     lin += 2 * 2.0 * B * B * P + (2.0 * B * P if reverse else 0.0)
 
     def fusion(rows_t, rows_v, sum_tt, sum_tv):
+        """rows_v: video rows mapped into the fusion width and through the cross-attention K/V
+        projections (each clip once, however many pairs it is in)."""
         f_lin = (2.0 * rows_t * Wt * Wf if Wt != Wf else 0.0) + 2.0 * rows_v * Wv * Wf
         f_lin += _blocks(rows_t, Wf, s.f_mlp, s.f_layers)
         f_lin += 2.0 * (2 * rows_t + 2 * rows_v) * Wf * Wf * s.f_layers  # cross q,out / k,v
@@ -166,10 +168,11 @@ def train_flops(s: ModelShape, video_lens, text_lens, masked, reverse=True):
         return f_lin, f_att
 
     # VTM: positives, a hard-negative clip per caption, a hard-negative caption per clip
-    # (+ each caption with its clip reversed); then the 2-way head
+    # (+ each caption with its clip reversed); then the 2-way head. The video side is projected
+    # once per clip of the pool (every clip, and its reversed copy, is in some pair)
     groups = 4 if reverse else 3
     tv_pos = (t * v).sum()
-    f_lin, f_att = fusion(rows_t=groups * t.sum(), rows_v=groups * v.sum(),
+    f_lin, f_att = fusion(rows_t=groups * t.sum(), rows_v=passes * v.sum(),
                           sum_tt=groups * (t ** 2).sum(),
                           sum_tv=(groups - 2) * tv_pos + t.sum() * v.mean() + t.mean() * v.sum())
     lin += f_lin + 2.0 * groups * B * Wf * 2

@@ -25,6 +25,9 @@ def test_bench_kernels_quick(tmp_path, capsys):
     assert kinds == {(k, m) for k in ("attention", "patch_embed") for m in ("fwd", "fwd+bwd")}
     for r in rows:
         assert r["ms"] > 0 and r["tflops"] > 0 and math.isfinite(r["tflops"]), r
+        if r["kernel"] == "attention" and r["impl"] == "triton":  # its shape class and configs
+            assert {"class", "fwd", "dkdv", "dq"} <= r["tuned"].keys(), r
+            assert r["tuned"]["fwd"]["BLOCK_M"] > 0
     rate = {(r["kernel"], r["case"], r["mode"], r["impl"]): r["tflops"] for r in rows}
     assert len(ratios) == len(rows) - sum(r["impl"] == "triton" for r in rows) > 0
     for r in ratios:

@@ -6,10 +6,7 @@ computation done in torch at the input precision, plus a small absolute term.
 """
 import inspect
 import os
-import subprocess
-import sys
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
@@ -147,22 +144,49 @@ def test_no_sequence_length_reaches_a_kernel():
         assert const <= {"HEAD_DIM", "BLOCK_D", "CAUSAL", "DOT_F32", "BLOCK_M", "BLOCK_N"}, const
 
 
-@pytest.mark.skipif(not INTERPRET, reason="on a GPU the other tests compile the kernels")
-def test_kernels_compile_for_sm90_without_gpu():
-    """Compiled mode (frontend rules the interpreter skips, ptxas, tensor cores): one variant of
-    every attention kernel (causal, head dim 40) and of the patch-embed kernel, bf16, sm_90."""
-    try:
-        from triton.backends.nvidia import compiler  # noqa: F401
-    except ImportError:
-        pytest.skip("this triton has no NVIDIA backend")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    res = subprocess.run([sys.executable, "-m", "kernels._compile_check", "--arch", "90"],
-                         cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True,
-                         text=True, timeout=600)
-    assert res.returncode == 0, res.stdout + res.stderr
-    lines = [ln for ln in res.stdout.splitlines() if ln.startswith("ok ")]
-    assert len(lines) == 5, res.stdout
-    assert all("dot=wgmma" in ln for ln in lines if "_delta_kernel" not in ln), res.stdout
+def test_self_and_cross_attention_are_tuned_apart():
+    """Video self-attention and the fusion's cross-attention (~20 queries) have different
+    autotune keys and, on a GPU, different candidate configs; the interpreter keeps one."""
+    from kernels import _config
+    video_self = _config.attention_class(393, 393)  # ViT-B/16, 8 frames, 75% dropped, + CLS
+    fusion_cross = _config.attention_class(20, 393)
+    assert len({video_self, fusion_cross, _config.attention_class(20, 20)}) == 3
+    for kernel in (KA._fwd_kernel, KA._dkdv_kernel, KA._dq_kernel):
+        assert "tune_class" in kernel.keys
+    if INTERPRET:
+        assert all(len(kn.configs) == 1 for kn in (KA._fwd_kernel, KA._dkdv_kernel, KA._dq_kernel,
+                                                  KA._delta_kernel))
+    for make in (_config.attention_fwd_table, _config.attention_dkdv_table,
+                 _config.attention_dq_table):
+        table = make(False)  # the GPU lists
+        long_ = table.prune(table.configs, {"tune_class": video_self})
+        short = table.prune(table.configs, {"tune_class": fusion_cross})
+        assert long_ and short and {id(c) for c in long_} != {id(c) for c in short}
+        assert min(c.kwargs["BLOCK_M"] for c in short) < min(c.kwargs["BLOCK_M"] for c in long_)
+        assert {id(c) for c in long_ + short} == {id(c) for c in table.configs}
+
+
+@pytest.mark.skipif(not DEVICES, reason="needs CUDA or TRITON_INTERPRET=1")
+def test_launches_pass_their_shape_class(monkeypatch):
+    seen = {}
+
+    def spy(name, kernel):
+        real = kernel.run
+
+        def run(*args, **kw):
+            seen.setdefault(name, []).append(dict(zip(kernel.arg_names, args))["tune_class"])
+            return real(*args, **kw)
+        monkeypatch.setattr(kernel, "run", run)
+    for name in ("_fwd_kernel", "_dkdv_kernel", "_dq_kernel"):
+        spy(name, getattr(KA, name))
+    dev = DEVICES[0]
+    for lq, lk in [([150, 3], [150, 3]), ([20, 7], [150, 40])]:
+        q, k, v = (x.float().requires_grad_() for x in make(lq, lk, 16, torch.float32, dev))
+        out = kernels.varlen_attention(q, k, v, cu(lq, dev), cu(lk, dev), max(lq), max(lk))
+        out.sum().backward()
+    from kernels._config import attention_class
+    want = [attention_class(150, 150), attention_class(20, 150)]
+    assert seen == {n: want for n in ("_fwd_kernel", "_dkdv_kernel", "_dq_kernel")}, seen
 
 
 def _cache_size(kernel):

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-from hvfm.model import FusionEncoder, TextEncoder, Varlen, host_lengths  # noqa: E402
+from hvfm.model import (FusionEncoder, TextEncoder, Varlen, gather_sequences,  # noqa: E402
+                        host_lengths)
 from hvfm.model.testing import tiny_clip, tiny_tokenizer  # noqa: E402
 
 CAPTIONS = ["a red ball moves left", "the box", "a blue square jumps then turns slowly", "up"]
@@ -79,3 +80,51 @@ def test_fusion_init_from_text(clip):
     assert torch.equal(deep.layers[2].mlp.fc1.weight, last.mlp.fc1.weight)
     assert torch.equal(deep.layers[1].mlp.fc1.weight, text.layers[0].mlp.fc1.weight)
     assert not np.allclose(deep.layers[0].mlp.fc1.weight.detach(), text.layers[0].mlp.fc1.weight.detach())
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "torch-varlen"])
+def test_fusion_projects_each_clip_once(tok, clip, attn):
+    """VTM pairs a clip with several texts: with video_index the K/V projections (and video_in)
+    see each used clip once, and outputs and gradients equal gathering the clips first."""
+    captions = CAPTIONS + CAPTIONS[:3]
+    enc = tok(captions, padding=True, return_tensors="pt")
+    g = torch.Generator().manual_seed(0)
+    video_lengths = [5, 1, 9, 4]  # clip 3 is in no pair
+    index = [0, 2, 0, 1, 2, 2, 0]  # one clip per caption, repeats as VTM's negatives make them
+    video = torch.randn(sum(video_lengths), 32, generator=g, dtype=torch.float64)
+    vs = Varlen.from_lengths(video_lengths)
+    torch.manual_seed(1)
+    text = TextEncoder.from_clip(clip, attn=attn)
+    fusion = FusionEncoder.from_text(text, 32, layers=2, attn=attn)
+    t = text(enc["input_ids"], host_lengths(enc["attention_mask"]))
+    tokens = t.tokens.detach()
+    seen = []
+    hooks = [m.register_forward_hook(lambda m, i, o: seen.append(i[0].shape[0]))
+             for blk in fusion.layers for m in (blk.cross_attn.k_proj, blk.cross_attn.v_proj)]
+    hooks.append(fusion.video_in.register_forward_hook(lambda m, i, o: seen.append(i[0].shape[0])))
+    results = []
+    for once in (False, True):
+        seen.clear()
+        fusion.zero_grad()
+        vx = video.clone().requires_grad_()
+        if once:
+            h = fusion(tokens, t.varlen, vx, vs, video_index=index)
+        else:
+            gx, gs = gather_sequences(vx, vs, index)
+            h = fusion(tokens, t.varlen, gx, gs)
+        loss = fusion.vtm_logits(h, t.varlen).square().sum() + fusion.mlm_head(h).logsumexp(-1).sum()
+        loss.backward()
+        results.append((h.detach(), vx.grad, _grads(fusion), list(seen)))
+    for hk in hooks:
+        hk.remove()
+    (h0, dv0, g0, seen0), (h1, dv1, g1, seen1) = results
+    torch.testing.assert_close(h1, h0, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(dv1, dv0, rtol=1e-10, atol=1e-12)
+    assert g0.keys() == g1.keys() and "0.layers.1.cross_attn.v_proj.weight" in g1
+    for n in g0:
+        torch.testing.assert_close(g1[n], g0[n], rtol=1e-9, atol=1e-11, msg=n)
+    gathered = sum(video_lengths[i] for i in index)  # 5+9+5+1+9+9+5 = 43 rows
+    unique = sum(video_lengths[i] for i in sorted(set(index)))  # 5+1+9 = 15 rows
+    assert seen0 == [gathered] * 5 and seen1 == [unique] * 5, (seen0, seen1)
+    with pytest.raises(ValueError, match="video_index"):
+        fusion(tokens, t.varlen, video, vs, video_index=[0, 1, 4, 0, 0, 0, 0])

@@ -227,15 +227,22 @@ register_backend("torch-varlen", _torch_varlen, host_lengths=True)
 BACKENDS = ("sdpa", "torch-varlen") + _OPTIONAL
 
 
-def gather_sequences(x: torch.Tensor, xs: Varlen, idx) -> tuple[torch.Tensor, Varlen]:
-    """Pack sequences `idx` (host ints, repeats allowed) of packed `x` in that order."""
+def sequence_rows(xs: Varlen, idx, device=None) -> tuple[torch.Tensor, Varlen]:
+    """Rows of a packing `xs` that sequences `idx` (host ints, repeats allowed) occupy, in that
+    order, as one device index (int64, host-computed, no sync), and the packing they form."""
     idx = np.asarray(idx, np.int64)
     lens = np.asarray(xs.lengths, np.int64)
     starts = np.cumsum(lens) - lens
     sel = lens[idx]
     out_starts = np.cumsum(sel) - sel
     flat = np.repeat(starts[idx] - out_starts, sel) + np.arange(int(sel.sum()))
-    return x[to_device(flat, x.device)], Varlen.from_lengths(sel, x.device)
+    return to_device(flat, device), Varlen.from_lengths(sel, device)
+
+
+def gather_sequences(x: torch.Tensor, xs: Varlen, idx) -> tuple[torch.Tensor, Varlen]:
+    """Pack sequences `idx` (host ints, repeats allowed) of packed `x` in that order."""
+    rows, packed = sequence_rows(xs, idx, x.device)
+    return x[rows], packed
 
 
 def concat_sequences(a: torch.Tensor, a_s: Varlen, b: torch.Tensor, b_s: Varlen):

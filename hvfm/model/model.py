@@ -138,8 +138,8 @@ class VideoLanguageModel(nn.Module):
         pool, pool_s = (v.tokens, v.varlen) if rev is None else \
             concat_sequences(v.tokens, v.varlen, rev.tokens, rev.varlen)
         tx, ts = gather_sequences(t.tokens, t.varlen, ti)
-        vx, vs = gather_sequences(pool, pool_s, vi)
-        h = self.fusion(tx, ts, vx, vs)
+        # each clip's K/V once, gathered per pair (a clip is in ~3 pairs: positive + negatives)
+        h = self.fusion(tx, ts, pool, pool_s, video_index=vi)
         return vtm_loss(self.fusion.vtm_logits(h, ts), to_device(labels, self.device))
 
     def _mlm(self, batch, mlm_ids, lengths, v):
