@@ -58,25 +58,39 @@ def add_broken_rows(csv_path, video_root, kinds=BAD_KINDS, short=0, short_frames
 
 def seed_drawing_every_bad_row(ann, bad_kind, world, batch, batches_fed, tries=200):
     """The first seed whose sampler draws every bad row within `batches_fed` batches per rank, so
-    that a short run meets every kind of fault (a hung and a crashing decoder included)."""
+    that a short run meets every kind of fault (a hung and a crashing decoder included). For a
+    training run from a CSV, which each rank reads for its own rows (see `expected_skips`)."""
     from hvfm.data import VideoTextDataset
     for seed in range(tries):
-        counts = expected_skips(VideoTextDataset(ann, seed=seed), bad_kind, world, batch, batches_fed)
+        counts = expected_skips(VideoTextDataset(ann, seed=seed), bad_kind, world, batch, batches_fed,
+                                csv_by_rank=True)
         if counts["bad_drawn"] == len(bad_kind):
             return seed, counts
     raise AssertionError("no seed draws every bad row")
 
 
-def expected_skips(dataset, bad_kind, world, batch, batches_fed, max_retries=10):
+def expected_skips(dataset, bad_kind, world, batch, batches_fed, max_retries=10, csv_by_rank=False):
     """The counters a run must report after feeding `batches_fed` batches of `batch` samples per
     rank (drop_last): replays the sampler and the dataset's replacement chain, with the bad rows
     known in advance (`bad_kind`: {row (pair) index: kind}). Returns dict(skipped, bad_drawn,
-    timeouts, crashes)."""
+    timeouts, crashes). csv_by_rank: the trainer reads a CSV for each rank's rows only (rows
+    i % world == rank, one caption each), samples within them and draws replacements among them."""
+    from types import SimpleNamespace
+
     from hvfm.data import ResumableDistributedSampler
     n = len(dataset)
     counts = dict(skipped=0, bad_drawn=0, timeouts=0, crashes=0)
     for rank in range(world):
-        sampler = ResumableDistributedSampler(n, world, rank, shuffle=True, seed=dataset.seed)
+        if csv_by_rank and world > 1:
+            rows = list(range(rank, n, world))  # this rank's rows, in file order
+            local = SimpleNamespace(seed=dataset.seed, ann=rows)
+            replace = lambda index, ep, attempt: rows[type(dataset).replacement(local, index, ep, attempt)]  # noqa: E731
+            sampler = ResumableDistributedSampler(len(rows), 1, 0, shuffle=True, seed=dataset.seed,
+                                                  num_samples=-(-n // world))
+            to_global = rows.__getitem__
+        else:
+            replace, to_global = dataset.replacement, int
+            sampler = ResumableDistributedSampler(n, world, rank, shuffle=True, seed=dataset.seed)
         per_epoch = len(sampler) // batch
         drawn, epoch = [], 0
         while len(drawn) < batches_fed * batch:
@@ -84,10 +98,10 @@ def expected_skips(dataset, bad_kind, world, batch, batches_fed, max_retries=10)
             drawn += list(sampler)[: per_epoch * batch]
             epoch += 1
         for index, ep in drawn[: batches_fed * batch]:
-            pair = index
+            pair = to_global(index)
             for attempt in range(max_retries + 1):
                 if attempt:
-                    pair = dataset.replacement(index, ep, attempt)
+                    pair = replace(index, ep, attempt)
                 kind = bad_kind.get(pair)
                 if kind is None:
                     break
