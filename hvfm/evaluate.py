@@ -205,7 +205,8 @@ def vtm_scores(model, tokenizer, ann, captions, pair_text, pair_video, frames=8,
     the match probability, or with score="logit" the log-odds logit_match - logit_nomatch. Each
     video is encoded once (the first view's patches, all frames in one sequence whatever `pool`)
     and so is each caption through the text tower; the pairs then go through the fusion encoder
-    alone, in batches of 4 x `batch_size`. NaN where the video did not decode."""
+    alone, in batches of 4 x `batch_size`, each clip's video tokens projected once per batch.
+    NaN where the video did not decode."""
     from tqdm import tqdm
 
     from hvfm.model import concat_sequences, gather_sequences, host_lengths
@@ -238,8 +239,10 @@ def vtm_scores(model, tokenizer, ann, captions, pair_text, pair_video, frames=8,
         for s in range(0, len(pairs), 4 * batch_size):
             chunk = pairs[s:s + 4 * batch_size]
             tx, txs = gather_sequences(tt, ts, [where[int(pair_text[j])] for j in chunk])
-            vx, vs = gather_sequences(v.tokens, v.varlen, [local[int(pair_video[j])] for j in chunk])
-            h = model.fusion(tx, txs, vx, vs)
+            # the batch's clips as they are: the fusion projects each clip's K/V once for all
+            # the captions paired with it
+            h = model.fusion(tx, txs, v.tokens, v.varlen,
+                             video_index=[local[int(pair_video[j])] for j in chunk])
             logits = model.fusion.vtm_logits(h, txs).float()
             val = logits.softmax(-1)[:, 1] if score == "prob" else logits[:, 1] - logits[:, 0]
             values[chunk] = val.cpu().numpy()

@@ -281,7 +281,7 @@ def find_deepspeed(path, tag=None):
 
 def _run_build(run_dir, source):
     """(clip_config, tokenizer, build) of the run that wrote `run_dir/checkpoints`: from its
-    export `final/` when present, else rebuilt as hvfm/train.py's build_model does from
+    export `final/` when present, else rebuilt as hvfm/build.py's build_model does from
     run_config.json and the CLIP folder it started from."""
     from transformers import CLIPConfig
 

@@ -3,12 +3,13 @@
 Post-pretrains CLIP on video-text pairs: random patch dropping in the video encoder, masked
 caption words for the fusion encoder, VTC + VTM + MLM losses, through a DeepSpeed engine (ZeRO
 1/2/3, bf16, activation checkpointing). With no data flags it generates the built-in synthetic
-corpus once, trains the `tiny` preset from random weights, and prints zero-shot retrieval and
-temporal accuracy on the synthetic test split before and after training.
+corpus once, post-pretrains the built-in image CLIP (trained once by this trainer on built-in
+stills, cached), and prints zero-shot retrieval and temporal accuracy on the synthetic test
+split: the image CLIP against the harvested video model.
 
 Read top to bottom: checks, set-up, the loop (`train_step` is one micro-batch), the end.
-Flags and config checks live in hvfm/config.py, checkpoints in hvfm/checkpoint.py, the built-in
-default's orchestration in hvfm/builtin_run.py.
+Flags and config checks live in hvfm/config.py, the model's build in hvfm/build.py, checkpoints
+in hvfm/checkpoint.py, the built-in default's orchestration in hvfm/builtin_run.py.
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ if __package__ in (None, ""):  # run as a script (the deepspeed launcher does): 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hvfm import checkpoint  # noqa: E402
+from hvfm.build import build_model  # noqa: E402
 from hvfm.builtin_run import comparison_table, ensure_image_clip, prepare_data, run_eval  # noqa: E402
 from hvfm.checkpoint import CheckpointError  # noqa: E402
 from hvfm.config import (FRESH_LR_MULT, IMAGE_CROP, TEMPORAL_LR_MULT, ConfigError,  # noqa: E402,F401
@@ -36,7 +38,6 @@ from hvfm.config import (FRESH_LR_MULT, IMAGE_CROP, TEMPORAL_LR_MULT, ConfigErro
 from hvfm.data import DataError, build_loader  # noqa: E402
 from hvfm.data.shards import build_shard_loader  # noqa: E402
 from hvfm.data.transform import prepare_batch  # noqa: E402
-from hvfm.data.text import load_tokenizer  # noqa: E402
 from hvfm.distributed import (all_gather, broadcast, init_distributed, quiet_libraries,  # noqa: E402,F401
                               remove_shm_buffer)
 from hvfm.optim import FRESH_FUSION, TIME_PARAMS, lr_lambda, param_groups  # noqa: E402,F401
@@ -50,33 +51,6 @@ COLUMNS = ["step", "epoch", *LOSSES, "lr", "samples_per_s", "tokens_per_s", "dat
 class NonFiniteError(RuntimeError):
     """--max-nonfinite non-finite steps in a row: training stops, the last checkpoint is kept. Exit 3."""
     collective = True
-
-
-def build_model(args, tok_dir, out_dir, attn, rank):
-    """The video-language model inflated from a CLIP folder (--clip, or the preset saved with
-    random weights to OUTPUT_DIR/init_clip first: one loading path)."""
-    import torch.distributed as dist
-    from hvfm.model import VideoLanguageModel, add_mask_token, load_clip, save_random_clip
-
-    clip_dir = args.clip
-    if clip_dir is None:
-        clip_dir = out_dir / "init_clip"
-        if rank == 0 and not (clip_dir / "config.json").exists():
-            save_random_clip(args.model, load_tokenizer(tok_dir), str(clip_dir), seed=args.seed)
-        dist.barrier()
-    try:
-        clip, tokenizer = load_clip(str(clip_dir))
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-    if tok_dir is not None and args.clip is not None:
-        tokenizer = load_tokenizer(tok_dir)
-    add_mask_token(clip, tokenizer)
-    build = dict(fusion_layers=args.fusion_layers, fusion_width=args.fusion_width, attn=attn,
-                 max_frames=max(args.frames, 16), checkpointing=args.activation_checkpointing,
-                 motion=args.motion_channel, vtm_token="last")
-    model = VideoLanguageModel.from_clip(clip, tokenizer, **build)
-    build.pop("checkpointing")
-    return model, tokenizer, clip.config, build
 
 
 def train_step(engine, batch, seeds, args, weights, dtype, bad_loss, host_check=False):

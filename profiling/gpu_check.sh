@@ -124,27 +124,35 @@ stage env 20 bash -c "nvidia-smi; $PY -c 'import sys, torch, triton; print(sys.v
 
 KERNEL_TESTS="tests/test_kernels_attention.py tests/test_kernels_patch_embed.py tests/test_model_triton.py"
 if [ "$HAVE_PYTEST" = 1 ]; then
-  stage tests_kernels 100 "$PY" -m pytest -q $KERNEL_TESTS
+  stage tests_kernels 90 "$PY" -m pytest -q $KERNEL_TESTS
   ignore=""
   for f in $KERNEL_TESTS; do ignore="$ignore --ignore=$f"; done
   marker=(-m "not slow")
   [ "$ALL_TESTS" = 1 ] && marker=()
   stage tests_rest 60 "$PY" -m pytest -q -x "${marker[@]}" $ignore tests
+  if [ "$HAVE_DS" = 1 ]; then  # one whole training step under torch.cuda.set_sync_debug_mode("error")
+    stage tests_sync 40 "$PY" -m pytest -q tests/test_train_step.py -k sync
+  else
+    skip tests_sync "deepspeed is not installed (carry a wheel: pip install deepspeed-*.whl)"
+  fi
 else
   skip tests_kernels "pytest is not installed (pip install pytest)"
   skip tests_rest "pytest is not installed (pip install pytest)"
+  skip tests_sync "pytest is not installed (pip install pytest)"
 fi
 
-stage bench_kernels 50 "$PY" profiling/bench_kernels.py --out "$RES"
-stage bench_train 150 "$PY" profiling/bench_train.py --gpu-defaults --out "$RES"
+stage bench_kernels 40 "$PY" profiling/bench_kernels.py --out "$RES"
+stage bench_train 130 "$PY" profiling/bench_train.py --gpu-defaults --out "$RES"
 if [ "$HAVE_DS" = 1 ]; then
-  stage bench_zero 150 "$PY" profiling/bench_zero.py --out "$RES"
+  stage bench_zero 120 "$PY" profiling/bench_zero.py --out "$RES"
 else
   skip bench_zero "deepspeed is not installed (bench_train used a plain torch AdamW loop)"
 fi
 if [ "$HAVE_DECODER" = 1 ]; then
-  stage bench_data 30 "$PY" profiling/bench_data.py --synthetic-clips 256 --clips 96 --workers 1 2 4 \
-    --frames 8 --size 224 --out "$RES/bench_data.json"
+  # 640x360 clips of 10-30 s, generated once (4 here, to fit the budget): one file per clip
+  # against tar shards
+  stage bench_data 60 "$PY" profiling/bench_data.py --gen-clips 4 --copies 4 --clips 16 \
+    --workers 1 2 4 --frames 8 --size 224 --out "$RES/bench_data.json"
 else
   skip bench_data "neither decord nor av is installed; project_epoch uses profiling/results/bench_data.json"
 fi

@@ -215,8 +215,8 @@ def test_gpu_check_script_parses_and_dry_runs():
                        cwd=ROOT, capture_output=True, text=True, timeout=120,
                        env={k: v for k, v in os.environ.items() if k != "OUT"})
     assert r.returncode == 0, r.stderr
-    for stage in ("env", "tests_kernels", "tests_rest", "bench_kernels", "bench_train", "bench_zero",
-                  "bench_data", "project_epoch"):
+    for stage in ("env", "tests_kernels", "tests_rest", "tests_sync", "bench_kernels", "bench_train",
+                  "bench_zero", "bench_data", "project_epoch"):
         assert f"[{stage}]" in r.stdout
     assert "bench_train.py --gpu-defaults" in r.stdout and "/tmp/hvfm-gpu-check-dry" in r.stdout
     assert not Path("/tmp/hvfm-gpu-check-dry").exists()  # a dry run writes nothing
