@@ -95,7 +95,8 @@ def _decord(path, num_frames, train, rng, short_side):
 
 
 def _pyav(path, num_frames, train, rng, short_side):
-    with av.open(str(path)) as container:
+    """PyAV decode of a file path or of a file-like object (an mp4 held in memory)."""
+    with av.open(path if hasattr(path, "read") else str(path)) as container:
         stream = container.streams.video[0]
         w, h = decode_size(stream.codec_context.width, stream.codec_context.height, short_side)
         known = stream.frames  # 0 when the container does not say

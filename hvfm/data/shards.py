@@ -46,7 +46,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .dataset import COUNTERS, Collator, VideoTextLoader, _rng, worker_init
-from .decode import DecodeError, _resize_frames, decode_size, sample_indices
+from .decode import DecodeError, _pyav, _resize_frames, sample_indices
 from .errors import DataError
 from .text import MAX_LENGTH, clean_caption, swap_left_right
 from .transform import draw_params
@@ -153,25 +153,7 @@ def _decord_bytes(data, num_frames, train, rng, short_side):
 
 
 def _pyav_bytes(data, num_frames, train, rng, short_side):
-    import av
-    with av.open(io.BytesIO(data)) as container:
-        stream = container.streams.video[0]
-        stream.codec_context.thread_count = 1
-        w, h = decode_size(stream.codec_context.width, stream.codec_context.height, short_side)
-        known = stream.frames
-        if known > 0:
-            wanted = sample_indices(known, num_frames, train, rng)
-            picked, last = {}, max(wanted)
-            for i, frame in enumerate(container.decode(stream)):
-                if i in wanted:
-                    picked[i] = frame.to_ndarray(format="rgb24", width=w, height=h)
-                if i >= last:
-                    break
-            got = [picked[i] for i in wanted if i in picked]
-            return np.stack(got) if got else np.zeros((0, h, w, 3), np.uint8)
-        frames = [f.to_ndarray(format="rgb24", width=w, height=h) for f in container.decode(stream)]
-        idx = sample_indices(len(frames), num_frames, train, rng)
-        return np.stack([frames[i] for i in idx]) if idx else np.zeros((0, h, w, 3), np.uint8)
+    return _pyav(io.BytesIO(data), num_frames, train, rng, short_side)
 
 
 def decode_bytes(data, num_frames, train=False, rng=None, short_side=None, decoder="auto", name="<bytes>"):
