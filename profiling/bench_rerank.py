@@ -1,10 +1,11 @@
 """What VTM re-ranking costs against plain evaluation, in one process, runs alternated.
 
     python profiling/bench_rerank.py --checkpoint RUN/final [--ann TEST.json --video-root DIR]
-                                     [--k 16] [--repeats 2] [--frames 8] [--out profiling/results]
+                                     [--k 16] [--repeats 3] [--warmup 1] [--frames 8] [--out profiling/results]
 
-Each repeat runs `hvfm.evaluate.main` once plain and once with `--rerank-k K` (same checkpoint,
-annotations and frames; the order alternates between repeats so that warm caches favour neither).
+After `--warmup` untimed plain calls, each repeat runs `hvfm.evaluate.main` once plain and once
+with `--rerank-k K` (same checkpoint, annotations and frames; the order alternates between
+repeats so that warm caches favour neither).
 Without --ann it evaluates on the built-in test split. Reports the wall time of each call, the
 median ratio rerank / plain, and R@1 of both. Writes bench_rerank.json and .md into --out.
 """
@@ -32,7 +33,8 @@ def main(argv=None):
     ap.add_argument("--ann", help="annotations (default: the built-in test split)")
     ap.add_argument("--video-root")
     ap.add_argument("--k", type=int, default=16, help="re-ranked candidates")
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=1, help="untimed plain calls first (caches)")
     ap.add_argument("--frames", type=int, default=8)
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--out", default=str(RESULTS))
@@ -46,6 +48,8 @@ def main(argv=None):
             "--frames", str(args.frames), "--workers", str(args.workers)]
     info = machine_info()
     print(f"machine: {describe(info)}", flush=True)
+    for _ in range(args.warmup):  # the first call pays for imports, page cache and kernels
+        evaluate(base)
     runs = []
     for r in range(args.repeats):
         for k in ((0, args.k) if r % 2 == 0 else (args.k, 0)):

@@ -12,7 +12,7 @@ from test_evaluate_cli import _one_thread, env  # noqa: E402,F401  (the tiny exp
 def test_bench_rerank_reports_both_and_the_ratio(env, tmp_path, capsys):
     from profiling.bench_rerank import main
     payload = main(["--checkpoint", str(env["final"]), "--ann", str(env["json"]),
-                    "--video-root", str(env["test_root"]), "--k", "3", "--repeats", "2",
+                    "--video-root", str(env["test_root"]), "--k", "3", "--repeats", "2", "--warmup", "0",
                     "--frames", "4", "--out", str(tmp_path)])
     runs = payload["runs"]
     assert [(r["repeat"], r["k"]) for r in runs] == [(0, 0), (0, 3), (1, 3), (1, 0)]
