@@ -581,6 +581,9 @@ def main(argv=None):
     code, metrics = 0, None
     try:
         metrics = run(args)
+        if created:  # every rank done with its collectives before any tears the group down
+            import torch.distributed as dist
+            dist.barrier()
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         code = 2
