@@ -346,9 +346,11 @@ def default_cache_dir():
     return (Path(base) if base else Path.home() / ".cache" / "hvfm") / "synthetic"
 
 
-def _is_complete(root, want):
+def _is_complete(root, want, marker=".complete"):
+    """Whether `root` holds a finished corpus of these parameters: its marker file (written last)
+    names them."""
     try:
-        have = json.loads((Path(root) / ".complete").read_text())
+        have = json.loads((Path(root) / marker).read_text())
     except (OSError, ValueError):
         return False
     return all(have.get(k) == v for k, v in want.items())
@@ -363,14 +365,25 @@ def ensure_corpus(cache_dir=None, n_train=4000, n_test=200, frames=17, size=96, 
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     final = cache / f"n{n_train}_t{n_test}_f{frames}_s{size}_seed{seed}_v{VERSION}"
     want = _params_meta(n_train, n_test, frames, size, seed)
-    if _is_complete(final, want):
-        return CorpusPaths.of(final)
-    cache.mkdir(parents=True, exist_ok=True)
-    tmp = cache / f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    build_once(final, lambda root: _is_complete(root, want),
+               lambda tmp: generate(tmp, n_train, n_test, frames, size, seed, workers, progress))
+    return CorpusPaths.of(final)
+
+
+def build_once(final, complete, make):
+    """The cached folder `final`, made by `make(tmp)` unless `complete(final)` already: made in a
+    temporary sibling and renamed into place, so a crash never leaves half of one; a stale or
+    half-written `final` is moved aside; a process that loses a race discards its copy and uses
+    the winner's. Returns `final`."""
+    final = Path(final)
+    if complete(final):
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     try:
-        generate(tmp, n_train, n_test, frames, size, seed, workers, progress)
-        if final.exists() and not _is_complete(final, want):  # stale or half-written: move aside
-            trash = cache / f".{final.name}.stale-{uuid.uuid4().hex[:8]}"
+        make(tmp)
+        if final.exists() and not complete(final):  # stale or half-written: move aside
+            trash = final.with_name(f".{final.name}.stale-{uuid.uuid4().hex[:8]}")
             try:
                 final.rename(trash)
                 shutil.rmtree(trash, ignore_errors=True)
@@ -379,11 +392,11 @@ def ensure_corpus(cache_dir=None, n_train=4000, n_test=200, frames=17, size=96, 
         try:
             tmp.rename(final)
         except OSError:
-            if not _is_complete(final, want):
+            if not complete(final):
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return CorpusPaths.of(final)
+    return final
 
 
 def main(argv=None):

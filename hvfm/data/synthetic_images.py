@@ -26,14 +26,11 @@ corpus is identical for any worker count.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import uuid
 from pathlib import Path
 
 import numpy as np
 
-from .synthetic import _shape_mask, default_cache_dir, run_tasks
+from .synthetic import _is_complete, _shape_mask, build_once, default_cache_dir, run_tasks
 
 IMAGE_VERSION = 3
 PER_PAGE = 1000
@@ -242,27 +239,5 @@ def ensure_images(cache_dir=None, n=DEFAULT_IMAGES, n_test=DEFAULT_IMAGES_TEST, 
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     final = cache / f"images_n{n}_t{n_test}_s{size}_seed{seed}_v{IMAGE_VERSION}"
     want = _meta(n, n_test, size, seed)
-    if _complete(final, want):
-        return final
-    cache.mkdir(parents=True, exist_ok=True)
-    tmp = cache / f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    try:
-        generate_images(tmp, n, n_test, size, seed, workers, progress)
-        if final.exists() and not _complete(final, want):
-            shutil.rmtree(final, ignore_errors=True)
-        try:
-            tmp.rename(final)
-        except OSError:
-            if not _complete(final, want):
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return final
-
-
-def _complete(root, want):
-    try:
-        have = json.loads((Path(root) / ".images_complete").read_text())
-    except (OSError, ValueError):
-        return False
-    return all(have.get(k) == v for k, v in want.items())
+    return build_once(final, lambda root: _is_complete(root, want, ".images_complete"),
+                      lambda tmp: generate_images(tmp, n, n_test, size, seed, workers, progress))
