@@ -15,27 +15,25 @@ from .attention import Varlen, attention
 
 
 class Attention(nn.Module):
-    """Multi-head attention over packed rows; keys/values come from `kv` when given (cross)."""
+    """Multi-head self-attention over packed rows. Its projections also serve the fusion's
+    cross-attention, which applies them itself (fusion.FusionBlock: K/V once per clip)."""
 
-    def __init__(self, width: int, heads: int, kv_width: int | None = None):
+    def __init__(self, width: int, heads: int):
         super().__init__()
         assert width % heads == 0, f"width {width} not divisible by heads {heads}"
         self.heads = heads
-        kv_width = kv_width or width
         self.q_proj = nn.Linear(width, width)
-        self.k_proj = nn.Linear(kv_width, width)
-        self.v_proj = nn.Linear(kv_width, width)
+        self.k_proj = nn.Linear(width, width)
+        self.v_proj = nn.Linear(width, width)
         self.out_proj = nn.Linear(width, width)
 
-    def forward(self, x, xs: Varlen, kv=None, kvs: Varlen | None = None, causal=False,
-                backend="sdpa"):
-        kv, kvs = (x, xs) if kv is None else (kv, kvs)
+    def forward(self, x, xs: Varlen, causal=False, backend="sdpa"):
         h = self.heads
         q = self.q_proj(x).unflatten(-1, (h, -1))
-        k = self.k_proj(kv).unflatten(-1, (h, -1))
-        v = self.v_proj(kv).unflatten(-1, (h, -1))
-        o = attention(q, k, v, xs.cu_seqlens, kvs.cu_seqlens, xs.max_seqlen, kvs.max_seqlen,
-                      causal=causal, backend=backend, seqlens_q=xs.lengths, seqlens_k=kvs.lengths)
+        k = self.k_proj(x).unflatten(-1, (h, -1))
+        v = self.v_proj(x).unflatten(-1, (h, -1))
+        o = attention(q, k, v, xs.cu_seqlens, xs.cu_seqlens, xs.max_seqlen, xs.max_seqlen,
+                      causal=causal, backend=backend, seqlens_q=xs.lengths, seqlens_k=xs.lengths)
         return self.out_proj(o.flatten(-2))
 
 
@@ -50,7 +48,8 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """x += attn(ln1 x); [x += xattn(ln_c x, memory)]; x += mlp(ln2 x)."""
+    """x += attn(ln1 x); x += mlp(ln2 x). With `cross` it also holds the `cross_norm` and
+    `cross_attn` that fusion.FusionBlock's forward applies between the two."""
 
     def __init__(self, width: int, heads: int, mlp_width: int, act: str = "quick_gelu",
                  eps: float = 1e-5, cross: bool = False):
@@ -63,10 +62,8 @@ class Block(nn.Module):
         self.layer_norm2 = nn.LayerNorm(width, eps=eps)
         self.mlp = MLP(width, mlp_width, act)
 
-    def forward(self, x, xs: Varlen, causal=False, backend="sdpa", mem=None, mems: Varlen | None = None):
+    def forward(self, x, xs: Varlen, causal=False, backend="sdpa"):
         x = x + self.self_attn(self.layer_norm1(x), xs, causal=causal, backend=backend)
-        if mem is not None:
-            x = x + self.cross_attn(self.cross_norm(x), xs, mem, mems, backend=backend)
         return x + self.mlp(self.layer_norm2(x))
 
 
