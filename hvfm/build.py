@@ -1,4 +1,5 @@
-"""The model a run trains: the video-language model inflated from a CLIP folder."""
+"""What a run trains with, built one way for the trainer and for `profiling/bench_train.py`: the
+video-language model inflated from a CLIP folder, the training loader, the DeepSpeed engine."""
 from __future__ import annotations
 
 from hvfm.config import ConfigError
@@ -30,3 +31,41 @@ def build_model(args, tok_dir, out_dir, attn, rank):
     model = VideoLanguageModel.from_clip(clip, tokenizer, **build)
     build.pop("checkpointing")
     return model, tokenizer, clip.config, build
+
+
+def build_train_loader(args, train_ann, tokenizer, micro, size, rank, world, cuda, image=False):
+    """The training loader of this rank: streamed tar shards (`--train-shards`) or one file per
+    clip; the same batches either way (uint8 frames + crop rows, pinned, when bound for a GPU)."""
+    from hvfm.config import IMAGE_CROP
+    from hvfm.data import build_loader
+    from hvfm.data.shards import build_shard_loader
+    crop_scale = IMAGE_CROP if image else (0.5, 1.0)
+    common = dict(batch_size=micro, frames=args.frames, size=size, seed=args.seed,
+                  num_workers=args.workers, mask_ratio=args.mask_ratio, rank=rank, world_size=world,
+                  pin_memory=cuda, crop_scale=crop_scale)
+    if args.train_shards:
+        return build_shard_loader(args.train_shards, tokenizer, **common)
+    return build_loader(train_ann, tokenizer, decode_timeout=args.decode_timeout or None,
+                        mirror=args.mirror_negatives if image else 0.0, **common)
+
+
+def build_engine(model, cfg, precision, args, max_steps):
+    """The DeepSpeed engine over `model`: the checked config with the precision and --lr stated
+    (`engine_config`), the LR groups (towers x1, fresh fusion layers, time), warm-up then cosine.
+    Returns (engine, scheduler, the config it got, the step's dtype, whether `train_step` must
+    check the loss on the host: without ZeRO, DeepSpeed checks no overflow)."""
+    import deepspeed
+    import torch
+    from hvfm.config import engine_config
+    from hvfm.optim import lr_lambda, param_groups
+
+    cfg = engine_config(cfg, precision, args.lr)
+    opt = cfg.get("optimizer", {}).get("params", {})
+    warmup = args.warmup_steps if args.warmup_steps is not None else max(1, max_steps // 20)
+    groups = param_groups(model, opt.get("weight_decay", 0.0), opt.get("lr", 1e-4),
+                          args.temporal_lr_mult, args.fresh_lr_mult)
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=model, model_parameters=groups, config=cfg,
+        lr_scheduler=lambda o: torch.optim.lr_scheduler.LambdaLR(o, lr_lambda(max_steps, warmup)))
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    return engine, scheduler, cfg, dtype, engine.zero_optimization_stage() == 0

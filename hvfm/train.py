@@ -30,17 +30,14 @@ if __package__ in (None, ""):  # run as a script (the deepspeed launcher does): 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hvfm import checkpoint  # noqa: E402
-from hvfm.build import build_model  # noqa: E402
+from hvfm.build import build_engine, build_model, build_train_loader  # noqa: E402
 from hvfm.builtin_run import comparison_table, ensure_image_clip, prepare_data, run_eval  # noqa: E402
 from hvfm.checkpoint import CheckpointError  # noqa: E402
-from hvfm.config import (FRESH_LR_MULT, IMAGE_CROP, TEMPORAL_LR_MULT, ConfigError,  # noqa: E402,F401
-                         check_run, engine_config, is_builtin, parse_args, schedule_defaults)
-from hvfm.data import DataError, build_loader  # noqa: E402
-from hvfm.data.shards import build_shard_loader  # noqa: E402
+from hvfm.config import ConfigError, check_run, is_builtin, parse_args, schedule_defaults  # noqa: E402
+from hvfm.data import DataError  # noqa: E402
 from hvfm.data.transform import prepare_batch  # noqa: E402
 from hvfm.distributed import (all_gather, broadcast, init_distributed, quiet_libraries,  # noqa: E402,F401
                               remove_shm_buffer)
-from hvfm.optim import FRESH_FUSION, TIME_PARAMS, lr_lambda, param_groups  # noqa: E402,F401
 
 STARTING = {"made": None}  # the output folder this run created, until its training begins
 LOSSES = ("loss", "vtc", "vtm", "mlm")
@@ -89,7 +86,6 @@ def train_step(engine, batch, seeds, args, weights, dtype, bad_loss, host_check=
 
 
 def train(args, label=None):
-    import deepspeed
     import numpy as np
     import torch
     import torch.distributed as dist
@@ -128,18 +124,7 @@ def train(args, label=None):
     size = args.size or model.video.image_size
     max_steps = schedule_defaults(args, builtin, image)
     micro, accum = cfg["train_micro_batch_size_per_gpu"], cfg.get("gradient_accumulation_steps", 1)
-    crop_scale = IMAGE_CROP if image else (0.5, 1.0)
-    if args.train_shards:  # streamed tar shards (hvfm.data.prepare): same batches, resumable
-        loader = build_shard_loader(args.train_shards, tokenizer, batch_size=micro, frames=args.frames,
-                                    size=size, seed=args.seed, num_workers=args.workers,
-                                    mask_ratio=args.mask_ratio, rank=rank, world_size=world,
-                                    pin_memory=cuda, crop_scale=crop_scale)
-    else:
-        loader = build_loader(train_ann, tokenizer, batch_size=micro, frames=args.frames, size=size,
-                              seed=args.seed, num_workers=args.workers, mask_ratio=args.mask_ratio,
-                              rank=rank, world_size=world, pin_memory=cuda,
-                              decode_timeout=args.decode_timeout or None,
-                              mirror=args.mirror_negatives if image else 0.0, crop_scale=crop_scale)
+    loader = build_train_loader(args, train_ann, tokenizer, micro, size, rank, world, cuda, image)
     steps_per_epoch = len(loader) // accum
     if max_steps is None:
         max_steps = (args.epochs or 1) * steps_per_epoch
@@ -156,16 +141,7 @@ def train(args, label=None):
     dist.barrier()
 
     # ---- the engine
-    cfg = engine_config(cfg, precision, args.lr)
-    opt = cfg.get("optimizer", {}).get("params", {})
-    warmup = args.warmup_steps if args.warmup_steps is not None else max(1, max_steps // 20)
-    groups = param_groups(model, opt.get("weight_decay", 0.0), opt.get("lr", 1e-4),
-                          args.temporal_lr_mult, args.fresh_lr_mult)
-    engine, _, _, scheduler = deepspeed.initialize(
-        model=model, model_parameters=groups, config=cfg,
-        lr_scheduler=lambda o: torch.optim.lr_scheduler.LambdaLR(o, lr_lambda(max_steps, warmup)))
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
-    host_check = engine.zero_optimization_stage() == 0  # see train_step
+    engine, scheduler, cfg, dtype, host_check = build_engine(model, cfg, precision, args, max_steps)
 
     step, wall_before, fed = 0, 0.0, 0  # fed: micro-batches fed since the run began (across resumes)
     nonfinite = {"skipped": 0, "streak": 0}

@@ -1,42 +1,55 @@
-"""End-to-end training throughput: the fused packed path against the unfused padded baseline.
+"""Training throughput of the trainer's own step: the fused packed path against the unfused
+padded baseline, per drop ratio, and the loader's share of a training step.
 
-One real training step -- forward (VTC + VTM with hard and reversed negatives + MLM), backward,
-optimizer -- through the DeepSpeed engine the trainer builds (a world of one; a plain torch
-AdamW loop, said so in the output, where deepspeed is not importable), on synthetic in-memory
-batches: random pixels, random caption ids of realistic length (BOS + words + EOS, default 8 to
-32 tokens), MLM labels at the trainer's mask ratio. Two models with identical weights run in the
-same process:
+Everything is built the way `hvfm/train.py` builds it: its flags and checks (`hvfm.config`: the
+DeepSpeed config, the precision probe), the process group, the data (`prepare_data`: the built-in
+corpus, or --train-csv / --train-json / --train-shards), the model (`hvfm.build.build_model`: the
+--model preset with random weights, or --clip), the loader (`build_train_loader`) and the
+DeepSpeed engine with the trainer's LR groups (`build_engine`). Every timed step is the trainer's
+`train_step`: the batch to the device and its crop/resize/normalise/cast there, forward (VTC, VTM
+with hard and reversed negatives, MLM, at the run's loss weights), backward, optimizer step.
+Only the weights differ from a run: a preset starts random, also on the built-in corpus, where
+the trainer would first build the image CLIP (speed does not depend on the weights).
 
-  fused    CUDA: `triton` attention + the fused Triton patch embedding;
-           CPU: the best packed torch path, `torch-varlen` attention + `gather` patch embedding
-  unfused  `sdpa` on padded sequences with a key-padding mask + `conv` (embed every patch, gather)
+Two engines with identical weights, two phases per drop ratio:
 
-After a warm-up they alternate step by step (fused, unfused, fused, ...), each pair with the same
-seed (same kept patches, same negatives), so a noisy machine slows both alike and the ratio
-holds. Per variant: samples/s, tokens/s (kept video + text tokens per second per device), the
-step split into forward / backward / optimizer (CUDA events on GPU, perf_counter on CPU),
-achieved TFLOP/s and MFU (useful FLOPs on the real packed shapes: see `train_flops`), peak memory,
-and fused/unfused ratios.
+  compute  After a warm-up, fused and unfused alternate step by step on the same loader batch
+           with the same seeds (same kept patches, same negatives), so a noisy machine slows both
+           alike and the ratio holds. Waiting for the batch is not timed here. Per variant:
+           samples/s, tokens/s (kept video + text tokens per second per device), the step split
+           into prepare (copy + device transform) / forward / backward / optimizer (CUDA events
+           on GPU, perf_counter on CPU), TFLOP/s and MFU (useful FLOPs on the real packed shapes:
+           see `train_flops`), peak memory, and fused/unfused ratios.
+  loader   The fused engine alone pulls its batches from the loader as the training loop does.
+           The first (workers x 2) steps are not counted: the loader queue filled up during the
+           compute phase. Of the next --steps: the time spent waiting for a batch against the
+           time in the step (the loader's share), and samples/s end to end.
 
-    python profiling/bench_train.py [--preset tiny] [--frames 4] [--size 96] [--batch 8]
-                                    [--drop 0.5 0.75 0.1:0.5] [--steps 8] [--warmup 2]
-                                    [--out profiling/results] [--gpu-defaults | --cpu-defaults]
+    python profiling/bench_train.py [--drop 0.5 0.75 0.1:0.5] [--steps 8] [--warmup 2]
+                                    [--fused A/E] [--unfused A/E] [--out profiling/results]
+                                    [--gpu-defaults | --cpu-defaults] [train.py flags ...]
 
-Defaults: on CPU the tiny preset, 4 frames of 96 px, batch 8, drop 0.5 and 0.75 (a minute or two
-on 2 cores); with CUDA (or --gpu-defaults) ViT-B/16, 8 frames of 224 px, batch 32, drop 0, 0.5,
-0.75, 0.9 and U[0.1, 0.5] per sample. Writes bench_train.json (machine, versions, commit, every
-step), bench_train.md and bench_train.png (when matplotlib is installed) into --out; the JSON is
-rewritten after each drop ratio, so a run cut short keeps what it measured.
+Any other flag is the trainer's (`python hvfm/train.py --help`), e.g. --deepspeed, --model, --clip,
+--frames, --size, --batch-size, --workers, --precision, --activation-checkpointing, the data
+flags. Defaults: on CPU --model tiny, 4 frames of 96 px, batch 8, drop 0.5, 0.75 and U[0.1, 0.5]
+per sample (a few minutes on 2 cores); with CUDA (or --gpu-defaults) --model vit-b16, 8 frames of
+224 px, batch 32, drop 0, 0.5, 0.75, 0.9 and U[0.1, 0.5]. --deepspeed defaults to ds_configs/z2.json.
+Without data flags the built-in corpus is the data (generated once and cached, as the trainer
+does): its clips are small, so decoding is cheaper than on WebVid's 640x360
+(`profiling/bench_data.py` measures that). Writes bench_train.json (machine, versions, commit,
+every step), bench_train.md and bench_train.png (when matplotlib is installed) into --out; the
+JSON is rewritten after each drop ratio, so a run cut short keeps what it measured.
 """
 from __future__ import annotations
 
 import argparse
 import copy
 import gc
-import json
 import os
+import shutil
 import statistics
 import sys
+import tempfile
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -60,11 +73,12 @@ GIB = 2.0 ** 30
 GPU_PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("GH200", 989.0), ("H200", 989.0),
                    ("H100", 989.0), ("H800", 989.0), ("B200", 2250.0), ("A100", 312.0),
                    ("A800", 312.0), ("L40S", 362.0))
-CPU_DEFAULTS = dict(preset="tiny", frames=4, size=96, batch=8, drop=["0.5", "0.75", "0.1:0.5"], steps=8,
-                    warmup=2)
-GPU_DEFAULTS = dict(preset="vit-b16", frames=8, size=224, batch=32,
-                    drop=["0", "0.5", "0.75", "0.9", "0.1:0.5"], steps=6, warmup=3)
-CLIP_VOCAB = 49408 + 1  # CLIP's BPE vocabulary + the added mask token
+# (the trainer's flags, the bench's) of each set of defaults; the user's own flags win
+CPU_DEFAULTS = (["--model", "tiny", "--frames", "4", "--size", "96", "--batch-size", "8"],
+                dict(drop=["0.5", "0.75", "0.1:0.5"], steps=8, warmup=2))
+GPU_DEFAULTS = (["--model", "vit-b16", "--frames", "8", "--size", "224", "--batch-size", "32"],
+                dict(drop=["0", "0.5", "0.75", "0.9", "0.1:0.5"], steps=6, warmup=3))
+PREFETCH = 2  # batches each loader worker keeps ready (build_loader's prefetch_factor)
 
 
 def gpu_peak_tflops(name):
@@ -107,6 +121,7 @@ class ModelShape:
     f_mlp: int
     proj: int
     vocab: int
+    motion: bool = False
 
     @classmethod
     def of(cls, model):
@@ -118,7 +133,8 @@ class ModelShape:
                    t_mlp=t.layers[0].mlp.fc1.out_features,
                    f_width=f.final_layer_norm.weight.shape[0], f_layers=len(f.layers),
                    f_mlp=f.layers[0].mlp.fc1.out_features if len(f.layers) else 0,
-                   proj=v.visual_projection.out_features, vocab=t.token_embedding.num_embeddings)
+                   proj=v.visual_projection.out_features, vocab=t.token_embedding.num_embeddings,
+                   motion=v.embeddings.motion_weight is not None)
 
 
 def _blocks(rows, width, mlp, layers):
@@ -126,37 +142,46 @@ def _blocks(rows, width, mlp, layers):
     return 2.0 * rows * (4 * width * width + 2 * width * mlp) * layers
 
 
-def train_flops(s: ModelShape, video_lens, text_lens, masked, reverse=True):
+def train_flops(s: ModelShape, video_lens, text_lens, masked, reverse=1.0, vtm=True, mlm=True):
     """Useful FLOPs of one training step of VideoLanguageModel.forward + backward.
 
     video_lens: per-sample packed video lengths (kept patches + 1 CLS); text_lens: caption
-    lengths (BOS..EOS); masked: number of MLM positions; reverse: the clip played backwards is a
-    second video pass (VTC column + VTM pair), as the trainer does by default.
+    lengths (BOS..EOS); masked: number of MLM positions; reverse: the fraction of the batch
+    (True: all) whose clips are also encoded played backwards (the model's `reverse_count`: the
+    first ones), a second video pass (a VTC column, a VTM pair) as the trainer does by default;
+    vtm / mlm: whether those losses run (a zero loss weight skips them).
 
     Forward: every matmul 2*rows*in*out; attention 4 * sum(Lq*Lk) * D*H (causal text attention:
     Lq*(Lq+1)/2 pairs); patch embedding 2 * kept * C*p*p * W (kept patches only: the unfused
-    path's work on dropped patches is waste, not counted). Training = 3x linear (fwd + 2 bwd),
-    3.5x attention (bwd 2.5x fwd, as flash-attn counts), 2x patch embedding (no pixel gradient).
-    Activation-checkpointing recomputation is not counted (MFU counts useful work).
-    The VTM hard negatives are drawn at run time: their lengths are counted at the batch means
-    (exact when all clips keep the same count and all captions are equally long).
+    path's work on dropped patches is waste, not counted), plus the motion channel's 2 -> W map.
+    Training = 3x linear (fwd + 2 bwd), 3.5x attention (bwd 2.5x fwd, as flash-attn counts), 2x
+    patch embedding (no pixel gradient). Activation-checkpointing recomputation is not counted
+    (MFU counts useful work). The VTM hard negatives are drawn at run time: their lengths are
+    counted at the batch means (exact when all clips keep the same count and all captions are
+    equally long).
     Returns dict(linear, attention, patch = forward FLOPs by kind; forward, total = training).
     """
+    from hvfm.model.model import reverse_count
     v = np.asarray(video_lens, np.float64)
     t = np.asarray(text_lens, np.float64)
     B = len(v)
+    n_rev = reverse_count(reverse, B)
+    vr, tr = v[:n_rev], t[:n_rev]  # the reversed clips (same kept patches) and their captions
     Wv, Wt, Wf, P = s.v_width, s.t_width, s.f_width, s.proj
     lin = att = 0.0
-    passes = 2 if reverse else 1
-    # video tower (+ the reversed pass: same kept patches, same lengths)
-    patch = passes * 2.0 * (v.sum() - B) * s.channels * s.patch ** 2 * Wv
-    lin += passes * (_blocks(v.sum(), Wv, s.v_mlp, s.v_layers) + 2.0 * B * Wv * P)
-    att += passes * 4.0 * (v ** 2).sum() * Wv * s.v_layers
-    # text tower, twice: the caption and the masked caption (MLM)
-    lin += 2 * (_blocks(t.sum(), Wt, s.t_mlp, s.t_layers) + 2.0 * B * Wt * P)
-    att += 2 * 4.0 * (t * (t + 1) / 2).sum() * Wt * s.t_layers
-    # VTC: text x video similarities both ways (+ the reversed column)
-    lin += 2 * 2.0 * B * B * P + (2.0 * B * P if reverse else 0.0)
+    kept = v.sum() - B + vr.sum() - n_rev
+    # video tower, main pass + the reversed one
+    patch = 2.0 * kept * s.channels * s.patch ** 2 * Wv
+    if s.motion:
+        lin += 2.0 * kept * 2 * Wv
+    lin += _blocks(v.sum() + vr.sum(), Wv, s.v_mlp, s.v_layers) + 2.0 * (B + n_rev) * Wv * P
+    att += 4.0 * ((v ** 2).sum() + (vr ** 2).sum()) * Wv * s.v_layers
+    # text tower: the caption, and the masked caption when MLM runs
+    text_passes = 2 if mlm else 1
+    lin += text_passes * (_blocks(t.sum(), Wt, s.t_mlp, s.t_layers) + 2.0 * B * Wt * P)
+    att += text_passes * 4.0 * (t * (t + 1) / 2).sum() * Wt * s.t_layers
+    # VTC: text x video similarities both ways (+ each caption against its reversed clip)
+    lin += 2 * 2.0 * B * B * P + 2.0 * n_rev * P
 
     def fusion(rows_t, rows_v, sum_tt, sum_tv):
         """rows_v: video rows mapped into the fusion width and through the cross-attention K/V
@@ -167,175 +192,109 @@ def train_flops(s: ModelShape, video_lens, text_lens, masked, reverse=True):
         f_att = 4.0 * (sum_tt + sum_tv) * Wf * s.f_layers  # bidirectional self + cross
         return f_lin, f_att
 
-    # VTM: positives, a hard-negative clip per caption, a hard-negative caption per clip
-    # (+ each caption with its clip reversed); then the 2-way head. The video side is projected
-    # once per clip of the pool (every clip, and its reversed copy, is in some pair)
-    groups = 4 if reverse else 3
     tv_pos = (t * v).sum()
-    f_lin, f_att = fusion(rows_t=groups * t.sum(), rows_v=passes * v.sum(),
-                          sum_tt=groups * (t ** 2).sum(),
-                          sum_tv=(groups - 2) * tv_pos + t.sum() * v.mean() + t.mean() * v.sum())
-    lin += f_lin + 2.0 * groups * B * Wf * 2
-    att += f_att
-    # MLM: masked caption with its own clip, then the head on the masked positions
-    f_lin, f_att = fusion(rows_t=t.sum(), rows_v=v.sum(), sum_tt=(t ** 2).sum(), sum_tv=tv_pos)
-    lin += f_lin + 2.0 * masked * (Wf * Wt + Wt * s.vocab)
-    att += f_att
+    if vtm:
+        # positives, a hard-negative clip per caption, a hard-negative caption per clip, each
+        # reversed clip with its caption; then the 2-way head. The video side is projected once
+        # per clip of the pool (every clip, and each reversed copy, is in some pair)
+        pairs = 3 * B + n_rev
+        f_lin, f_att = fusion(rows_t=3 * t.sum() + tr.sum(), rows_v=v.sum() + vr.sum(),
+                              sum_tt=3 * (t ** 2).sum() + (tr ** 2).sum(),
+                              sum_tv=tv_pos + (tr * vr).sum() + t.sum() * v.mean() + t.mean() * v.sum())
+        lin += f_lin + 2.0 * pairs * Wf * 2
+        att += f_att
+    if mlm:
+        # masked caption with its own clip, then the head on the masked positions
+        f_lin, f_att = fusion(rows_t=t.sum(), rows_v=v.sum(), sum_tt=(t ** 2).sum(), sum_tv=tv_pos)
+        lin += f_lin + 2.0 * masked * (Wf * Wt + Wt * s.vocab)
+        att += f_att
     forward = lin + att + patch
     return dict(linear=lin, attention=att, patch=patch, forward=forward,
                 total=3.0 * lin + 3.5 * att + 2.0 * patch)
 
 
-# ------------------------------------------------------------------------------------ model, data
+# ------------------------------------------------------------------------------------ the trainer's set-up
 
-class _Vocab:
-    """What VideoLanguageModel.from_clip needs of a tokenizer: a size and a mask id."""
-    bos_token_id, eos_token_id, pad_token_id = 0, 1, 2
-
-    def __init__(self, n):
-        self.n, self.mask_token_id = n, n - 1
-
-    def __len__(self):
-        return self.n
+class BenchError(RuntimeError):
+    """What stops the benchmark before it measures: one line."""
 
 
-def build_model(args):
-    from transformers import CLIPModel
-
-    from hvfm.model import VideoLanguageModel, preset_config
-    tok = _Vocab(args.vocab)
-    config = preset_config(args.preset, len(tok), tok.bos_token_id, tok.eos_token_id,
-                           tok.pad_token_id, image_size=args.size)
-    torch.manual_seed(args.seed)
-    clip = CLIPModel(config)
-    model = VideoLanguageModel.from_clip(clip, tok, fusion_layers=args.fusion_layers,
-                                         fusion_width=args.fusion_width, attn="sdpa",
-                                         max_frames=max(args.frames, 16),
-                                         checkpointing=args.activation_checkpointing)
-    return model, tok
-
-
-def synthetic_batches(args, tok, device, dtype, count=2):
-    """`count` loader-style batches: pixels already on the device in the step's dtype (the copy
-    from a pinned loader batch overlaps compute in training, so it is not timed), ids, mask,
-    MLM ids and labels on the host as the loader gives them."""
-    lo, hi = (int(x) for x in args.caption_tokens.split(":"))
-    g = torch.Generator().manual_seed(args.seed)
-    rng = np.random.default_rng(args.seed)
-    out = []
-    for _ in range(count):
-        B, T, S = args.batch, args.frames, args.size
-        pixels = torch.randn(B, T, 3, S, S, generator=g).to(device, dtype)
-        lens = rng.integers(lo, hi + 1, B)
-        L = int(lens.max())
-        ids = torch.full((B, L), tok.pad_token_id, dtype=torch.int64)
-        am = torch.zeros(B, L, dtype=torch.int64)
-        words = torch.randint(3, tok.mask_token_id, (B, L), generator=g)
-        masked = torch.zeros(B, L, dtype=torch.bool)
-        for i, n in enumerate(lens):
-            ids[i, 0], ids[i, 1:n - 1], ids[i, n - 1] = tok.bos_token_id, words[i, :n - 2], tok.eos_token_id
-            am[i, :n] = 1
-            masked[i, 1:n - 1] = torch.rand(n - 2, generator=g) < args.mask_ratio
-            masked[i, 1] = True  # at least one masked word per caption
-        labels = torch.where(masked, ids, torch.full_like(ids, -100))
-        mlm_ids = torch.where(masked, torch.full_like(ids, tok.mask_token_id), ids)
-        out.append(dict(pixels=pixels, num_frames=torch.full((B,), T, dtype=torch.int64),
-                        input_ids=ids, attention_mask=am, mlm_input_ids=mlm_ids, mlm_labels=labels,
-                        index=torch.arange(B)))
-    return out
+@dataclass
+class Setup:
+    """What `hvfm/train.py` builds for a run, built by its own functions."""
+    args: argparse.Namespace  # the trainer's flags, after its checks
+    weights: dict
+    attn: str  # the trainer's attention backend (--attn, auto: its pick)
+    precision: str
+    precision_why: str
+    model: torch.nn.Module
+    size: int
+    micro: int
+    loader: object
+    cfg: dict  # the checked DeepSpeed config (engine_config applied per engine)
+    scratch: Path  # the run folder: tokenizer, init_clip; removed at the end
 
 
-# ------------------------------------------------------------------------------------ engines
-
-class PlainEngine:
-    """The trainer's step without DeepSpeed: torch AdamW with the same groups and clipping,
-    bf16 through autocast (fp32 weights) where the trainer would use DeepSpeed's bf16."""
-
-    def __init__(self, model, groups, opt_params, clip, dtype, device):
-        self.module = model.to(device)
-        self.device = torch.device(device)
-        kw = {k: opt_params[k] for k in ("lr", "betas", "eps", "weight_decay") if k in opt_params}
-        self.optimizer = torch.optim.AdamW(groups, **kw)
-        self.clip, self.dtype = clip, dtype
-
-    def __call__(self, batch, **kw):
-        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
-            return self.module(batch, **kw)
-
-    def backward(self, loss):
-        loss.backward()
-
-    def step(self):
-        if self.clip:
-            torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.clip)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+def trainer_argv(args, rest):
+    """The trainer's flag list: --deepspeed and the size defaults first, the user's flags after
+    them (argparse keeps the last occurrence)."""
+    defaults = (GPU_DEFAULTS if args.gpu else CPU_DEFAULTS)[0]
+    return ["--deepspeed", str(ROOT / "ds_configs" / "z2.json"), *defaults, *rest]
 
 
-def have_deepspeed():
-    try:
-        import deepspeed  # noqa: F401
-        return True
-    except Exception:  # noqa: BLE001 - missing, or a broken install
-        return False
+def trainer_setup(rest):
+    """Check the trainer's flags, join a world of one, prepare the data, build the model and the
+    loader: hvfm/train.py's own steps, in its order."""
+    from hvfm.build import build_model, build_train_loader
+    from hvfm.builtin_run import prepare_data
+    from hvfm.config import check_run, parse_args
+    from hvfm.distributed import init_distributed, quiet_libraries
+
+    args = parse_args(rest)
+    if args.stage != "video" or args.resume:
+        raise BenchError("bench_train measures the video stage of a fresh run: drop --stage/--resume")
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        raise BenchError("bench_train measures one device: run it with python, not a launcher")
+    scratch = Path(args.output_dir or tempfile.mkdtemp(prefix="hvfm-bench-train-"))
+    args.output_dir = str(scratch)
+    if not args.verbose:
+        quiet_libraries()
+    if not CUDA:  # as the trainer: subnormal floats make early CPU steps many times slower
+        torch.set_flush_denormal(True)
+    weights, cfg, attn, precision, why = check_run(args, CUDA)
+    rank, world = init_distributed(CUDA)
+    train_ann, _, tok_dir = prepare_data(args, scratch, rank)
+    model, tokenizer, _, _ = build_model(args, tok_dir, scratch, attn, rank)
+    size = args.size or model.video.image_size
+    micro = cfg["train_micro_batch_size_per_gpu"]
+    loader = build_train_loader(args, train_ann, tokenizer, micro, size, rank, world, CUDA)
+    return Setup(args, weights, attn, precision, why, model, size, micro, loader, cfg, scratch)
 
 
-def ds_config(path, batch, precision):
-    cfg = json.loads(Path(path).read_text())
-    cfg["train_micro_batch_size_per_gpu"] = batch
-    cfg["gradient_accumulation_steps"] = 1
-    cfg.pop("train_batch_size", None)
-    cfg["bf16"] = {"enabled": precision == "bf16"}
-    cfg["fp16"] = {"enabled": precision == "fp16"}
-    return cfg
+def variant(model, spec):
+    """The model with the attention backend / patch embedding of `spec` ("attn/embed")."""
+    from hvfm.model import get_backend
+    attn, _, embed = spec.partition("/")
+    if attn != "sdpa" and get_backend(attn) is get_backend("sdpa"):
+        raise BenchError(f"attention backend '{attn}' is not available here (it would fall back to "
+                         f"sdpa); choose another with --fused/--unfused")
+    model.set_attention(attn)
+    if embed:
+        model.video.patch_embed = embed
+    return model
 
 
-def param_groups(model, weight_decay, lr):
-    try:
-        from hvfm.train import FRESH_LR_MULT, TEMPORAL_LR_MULT
-        from hvfm.train import param_groups as trainer_groups
-        return trainer_groups(model, weight_decay, lr, TEMPORAL_LR_MULT, FRESH_LR_MULT)
-    except ImportError:
-        return [{"params": [p for p in model.parameters() if p.requires_grad],
-                 "weight_decay": weight_decay}]
-
-
-def make_engine(model, cfg, use_ds, dtype, device):
-    opt = cfg.get("optimizer", {}).get("params", {})
-    groups = param_groups(model, opt.get("weight_decay", 0.0), opt.get("lr", 1e-4))
-    if not use_ds:
-        return PlainEngine(model, groups, opt, cfg.get("gradient_clipping", 0.0), dtype, device)
-    import deepspeed
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=cfg)
-    return engine
-
-
-def init_world(use_ds):
-    if not use_ds:
-        return
-    import torch.distributed as dist
-    if dist.is_available() and dist.is_initialized():
-        return
-    from hvfm.train import init_distributed
-    init_distributed(CUDA)
-
-
-def pick_precision(choice):
-    """bf16 on GPU; on CPU the faster of bf16/fp32 on a transformer-sized matmul, as the trainer's
-    auto choice (a smaller probe: where bf16 has no hardware path it is ~50x slower)."""
-    if choice != "auto":
-        return choice
-    if CUDA:
-        return "bf16"
-    times = {}
-    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-        a, b = torch.randn(256, 512, dtype=dtype), torch.randn(512, 512, dtype=dtype)
-        a @ b
-        t = time.perf_counter()
-        for _ in range(3):
-            a @ b
-        times[name] = time.perf_counter() - t
-    return min(times, key=times.get)
+def endless(loader):
+    """The loader's batches, epoch after epoch, as the training loop takes them."""
+    from hvfm.data import DataError
+    while True:
+        got = False
+        for batch in loader:
+            got = True
+            yield batch
+        if not got:
+            raise DataError("the loader gave no batch (fewer samples than one batch?)")
+        loader.set_epoch(loader.epoch + 1)
 
 
 # ------------------------------------------------------------------------------------ measuring
@@ -361,6 +320,31 @@ class Clock:
         return [b - a for a, b in zip(self.marks, self.marks[1:])]
 
 
+class Timed:
+    """The engine as `train_step` uses it, with a clock mark as each of its parts begins and
+    after the optimizer step: prepare (until the forward) / forward / backward / optimizer."""
+
+    def __init__(self, engine, clock):
+        self._engine, self._clock = engine, clock
+
+    def __getattr__(self, name):
+        return getattr(self._engine, name)
+
+    def __call__(self, *a, **kw):
+        self._clock.mark()
+        return self._engine(*a, **kw)
+
+    def backward(self, loss):
+        self._clock.mark()
+        return self._engine.backward(loss)
+
+    def step(self):
+        self._clock.mark()
+        out = self._engine.step()
+        self._clock.mark()
+        return out
+
+
 def memory_start():
     if CUDA:
         torch.cuda.synchronize()
@@ -376,38 +360,40 @@ def memory_peak():
     return rss_bytes("VmHWM")
 
 
-def one_step(engine, batch, drop, seed, reverse, shape):
-    """One optimizer step; returns its timings, tokens, FLOPs and memory."""
+def one_step(engine, batch, setup, drop, seeds, shape, dtype, host_check):
+    """One optimizer step through the trainer's `train_step`; returns its timings, tokens, FLOPs
+    and memory."""
     from hvfm.model import keep_counts
-    B, T = batch["pixels"].shape[:2]
-    hw = (batch["pixels"].shape[-1] // shape.patch) ** 2
-    counts = keep_counts(np.full(B, T * hw), drop, np.random.default_rng(seed))  # the model's draw
-    text_lens = batch["attention_mask"].sum(1).numpy()
+    from hvfm.train import train_step
+    args = argparse.Namespace(**{**vars(setup.args), "drop_ratio": drop})
+    nf = np.asarray(batch["num_frames"], np.int64)
+    B = len(nf)
+    counts = keep_counts(nf * (setup.size // shape.patch) ** 2, drop,
+                         np.random.default_rng(seeds))  # the model's own draw (same seeds)
+    text_lens = np.asarray(batch["attention_mask"].sum(1))
     masked = int((batch["mlm_labels"] != -100).sum())
-    gen = torch.Generator(device=engine.device).manual_seed(seed)
+    bad_loss = torch.zeros((), device=engine.device)
     base = memory_start()
     clock = Clock()
     wall = time.perf_counter()
     clock.mark()
-    out = engine(batch, drop_ratio=drop, rng=np.random.default_rng(seed), generator=gen,
-                 reverse_negatives=reverse)
-    clock.mark()
-    engine.backward(out["loss"])
-    clock.mark()
-    engine.step()
-    clock.mark()
+    out = train_step(Timed(engine, clock), batch, seeds, args, setup.weights, dtype, bad_loss, host_check)
     if CUDA:
         torch.cuda.synchronize()
     wall = time.perf_counter() - wall
-    fwd, bwd, opt = clock.spans()
+    if out is None:  # (no ZeRO) a non-finite loss: train_step dropped the micro-batch
+        raise BenchError(f"drop {drop}: a non-finite loss; lower --lr or check the data")
+    prep, fwd, bwd, opt = clock.spans()
     peak = memory_peak()
     video_tokens, text_tokens = int(out["video_tokens"]), int(out["text_tokens"])
     if video_tokens != int(counts.sum()) + B:
         warnings.warn(f"FLOP count assumes {int(counts.sum()) + B} video tokens, the model used "
                       f"{video_tokens}", RuntimeWarning)
-    flops = train_flops(shape, counts + 1, text_lens, masked, reverse)
-    return dict(seed=seed, forward_s=fwd, backward_s=bwd, optimizer_s=opt,
-                step_s=wall, device_s=fwd + bwd + opt,
+    w = setup.weights
+    flops = train_flops(shape, counts + 1, text_lens, masked, setup.args.reverse_negatives,
+                        vtm=bool(w["vtm"]), mlm=bool(w["mlm"]))
+    return dict(prepare_s=prep, forward_s=fwd, backward_s=bwd, optimizer_s=opt,
+                step_s=wall, device_s=prep + fwd + bwd + opt,
                 video_tokens=video_tokens, text_tokens=text_tokens, tokens=video_tokens + text_tokens,
                 samples=B, flops=flops["total"], attention_flops_frac=3.5 * flops["attention"] / flops["total"],
                 loss=float(out["loss"].detach()), mem_start_bytes=base, mem_peak_bytes=peak)
@@ -422,8 +408,8 @@ def summarise(steps, peak_tflops):
     mean = lambda k: statistics.fmean(s[k] for s in steps)  # noqa: E731
     return dict(steps=len(steps), step_ms=1e3 * t / len(steps),
                 step_ms_median=1e3 * statistics.median(s["step_s"] for s in steps),
-                forward_ms=1e3 * mean("forward_s"), backward_ms=1e3 * mean("backward_s"),
-                optimizer_ms=1e3 * mean("optimizer_s"),
+                prepare_ms=1e3 * mean("prepare_s"), forward_ms=1e3 * mean("forward_s"),
+                backward_ms=1e3 * mean("backward_s"), optimizer_ms=1e3 * mean("optimizer_s"),
                 samples_per_s=sum(s["samples"] for s in steps) / t,
                 tokens_per_s=sum(s["tokens"] for s in steps) / t,
                 video_tokens_per_step=mean("video_tokens"), text_tokens_per_step=mean("text_tokens"),
@@ -443,26 +429,40 @@ def compare(fused_steps, unfused_steps, fused, unfused):
                               if fused["peak_mem_gib"] and unfused["peak_mem_gib"] else None))
 
 
+def loader_share(steps):
+    """The loader phase: the share of the loop's time spent waiting for a batch."""
+    wait, step = sum(s["wait_s"] for s in steps), sum(s["step_s"] for s in steps)
+    return dict(steps=len(steps), wait_ms=1e3 * wait / len(steps), step_ms=1e3 * step / len(steps),
+                share=wait / (wait + step), samples_per_s=sum(s["samples"] for s in steps) / (wait + step),
+                waited_steps=sum(s["wait_s"] > 1e-3 for s in steps))
+
+
 # ------------------------------------------------------------------------------------ report
 
 def table(payload):
-    rows, rat = [], []
+    rows, rat, lrows = [], [], []
     for d in payload["results"]:
         for name in ("fused", "unfused"):
             r = d[name]
             rows.append([d["drop"], f"{name} ({payload['variants'][name]})",
-                         f"{r['step_ms']:.1f} ({r['forward_ms']:.0f}/{r['backward_ms']:.0f}/{r['optimizer_ms']:.0f})",
+                         f"{r['step_ms']:.1f} ({r['prepare_ms']:.0f}/{r['forward_ms']:.0f}/"
+                         f"{r['backward_ms']:.0f}/{r['optimizer_ms']:.0f})",
                          r["samples_per_s"], r["tokens_per_s"], r["tflops"],
                          f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else None,
                          r["peak_mem_gib"], r["step_mem_gib"]])
         c = d["ratio"]
         rat.append([d["drop"], c["fused_tokens_per_s"], c["unfused_tokens_per_s"], f"{c['speedup']:.2f}x",
                     f"{c['pair_speedup_median']:.2f}x ({c['pair_speedup_min']:.2f}-{c['pair_speedup_max']:.2f})"])
+        ld = d["loader"]
+        lrows.append([d["drop"], ld["steps"], ld["step_ms"], ld["wait_ms"], f"{100 * ld['share']:.1f}%",
+                      ld["waited_steps"], ld["samples_per_s"], d["fused"]["samples_per_s"]])
     mem = "peak alloc GiB" if payload["device"] == "cuda" else "peak RSS GiB"
-    return (markdown_table(["drop", "variant (attn/embed)", "step ms (fwd/bwd/opt)", "samples/s",
+    return (markdown_table(["drop", "variant (attn/embed)", "step ms (prep/fwd/bwd/opt)", "samples/s",
                             "tokens/s", "TFLOP/s", "MFU", mem, "step +GiB"], rows),
             markdown_table(["drop", "fused tokens/s", "unfused tokens/s", "speedup",
-                            "per-pair speedup median (min-max)"], rat))
+                            "per-pair speedup median (min-max)"], rat),
+            markdown_table(["drop", "loader steps", "step ms", "wait ms", "loader share",
+                            "steps that waited", "samples/s end to end", "samples/s compute only"], lrows))
 
 
 def plot(payload, path):
@@ -484,7 +484,7 @@ def plot(payload, path):
     a1.set_ylabel("tokens/s per device (kept video + text)")
     a1.set_title("throughput (label: fused/unfused)")
     a1.legend(fontsize=8)
-    parts = (("forward_ms", "tab:blue"), ("backward_ms", "tab:orange"), ("optimizer_ms", "tab:purple"))
+    parts = (("prepare_ms", "tab:cyan"), ("forward_ms", "tab:blue"), ("backward_ms", "tab:orange"), ("optimizer_ms", "tab:purple"))
     for k, name in enumerate(("fused", "unfused")):
         bottom = np.zeros(len(res))
         for part, color in parts:
@@ -511,18 +511,24 @@ def write_outputs(payload, out):
     out = Path(out)
     path = write_json(out / "bench_train.json", payload)
     if payload["results"]:
-        t1, t2 = table(payload)
-        notes = [f"engine: {payload['engine']}; precision {payload['precision']}; "
-                 f"{payload['config']['steps']} alternated steps per variant after "
-                 f"{payload['config']['warmup']} warm-up; {payload['threads']} torch thread(s)"
-                 + ("; denormals flushed to zero" if payload["config"]["flush_denormal"] else ""),
+        t1, t2, t3 = table(payload)
+        cfg = payload["config"]
+        notes = [f"the trainer's set-up and step (hvfm.build, hvfm.train.train_step): DeepSpeed "
+                 f"{payload['zero']}, {payload['precision']} ({payload['precision_why']}); "
+                 f"{cfg['steps']} alternated steps per variant after {cfg['warmup']} warm-up; "
+                 f"{payload['threads']} torch thread(s); the trainer's attention here: {payload['trainer_attn']}",
+                 f"data: {payload['data']}; {payload['workers']} loader worker(s)",
                  "tokens/s = kept video tokens (incl. CLS) + text tokens of the step, per second, "
-                 "per device; speedup = fused tokens/s / unfused tokens/s (same tokens per pair)",
+                 "per device; speedup = fused tokens/s / unfused tokens/s (same batch and seeds per pair); "
+                 "prep = the batch to the device and its crop/resize/normalise/cast there",
+                 "loader table: the fused engine alone, its batches from the loader as in training, "
+                 f"after {payload['loader_skip']} uncounted steps (the queue the workers filled "
+                 "meanwhile); loader share = time waiting for a batch / (waiting + step)",
                  f"MFU against {payload['peak_tflops']:.3g} TFLOP/s ({payload['peak_source']})"
                  if payload["peak_tflops"] else "MFU: no peak known for this device (--peak-tflops)"]
         notes += payload["notes"]
-        write_markdown(out / "bench_train.md", "bench_train: training step, fused vs unfused",
-                       payload["machine"], t1 + "\n\n" + t2, notes)
+        write_markdown(out / "bench_train.md", "bench_train: the trainer's step, fused vs unfused, "
+                       "and the loader's share", payload["machine"], t1 + "\n\n" + t2 + "\n\n" + t3, notes)
         if payload.get("complete"):
             png = plot(payload, out / "bench_train.png")
             if png:
@@ -533,69 +539,57 @@ def write_outputs(payload, out):
 # ------------------------------------------------------------------------------------ main
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    """(the bench's options, the trainer's flags): what the bench does not know goes to train.py."""
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False,
+                                 epilog="Any other flag is hvfm/train.py's (see its --help).")
     ap.add_argument("--gpu-defaults", action="store_true", help="ViT-B/16 defaults (automatic with CUDA)")
     ap.add_argument("--cpu-defaults", action="store_true", help="tiny defaults even with CUDA")
-    ap.add_argument("--preset", choices=["tiny", "vit-b16", "vit-l14"])
-    ap.add_argument("--frames", type=int)
-    ap.add_argument("--size", type=int, help="frame side in pixels")
-    ap.add_argument("--batch", type=int, help="clips per step (per device)")
-    ap.add_argument("--drop", nargs="+", help="drop ratios: numbers or per-sample ranges lo:hi")
-    ap.add_argument("--steps", type=int, help="timed steps per variant per drop ratio")
+    ap.add_argument("--drop", nargs="+", help="drop ratios: numbers or per-sample ranges lo:hi "
+                                              "(replaces train.py's --drop-ratio)")
+    ap.add_argument("--steps", type=int, help="timed steps per variant per drop ratio (and counted "
+                                              "steps of the loader phase)")
     ap.add_argument("--warmup", type=int, help="untimed steps per variant per drop ratio")
     ap.add_argument("--fused", help="attn/patch_embed of the fused path "
                                     "(default triton/triton on CUDA, torch-varlen/gather on CPU)")
     ap.add_argument("--unfused", default="sdpa/conv", help="attn/patch_embed of the baseline")
-    ap.add_argument("--deepspeed", default=str(ROOT / "ds_configs" / "z2.json"), help="DeepSpeed config")
-    ap.add_argument("--no-deepspeed", action="store_true", help="plain torch AdamW loop")
-    ap.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
-                    help="auto: bf16 on GPU, on CPU what the trainer's probe picks")
-    ap.add_argument("--fusion-layers", type=int, default=2)
-    ap.add_argument("--fusion-width", type=int, default=None)
-    ap.add_argument("--activation-checkpointing", action="store_true")
-    ap.add_argument("--reverse-negatives", action=argparse.BooleanOptionalAction, default=True)
-    ap.add_argument("--vocab", type=int, help=f"text vocabulary (default {CLIP_VOCAB} = CLIP's BPE + "
-                                              "mask; 512 for tiny, like the synthetic tokenizer)")
-    ap.add_argument("--caption-tokens", default="8:32", help="caption length range incl. BOS/EOS")
-    ap.add_argument("--mask-ratio", type=float, default=0.5, help="MLM mask ratio (the trainer's default)")
     ap.add_argument("--peak-tflops", type=float, help="peak for MFU (default: GPU table / measured CPU matmul)")
     ap.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's); on a CPU "
                                                 "shared with other jobs 1 thread is steadier")
-    ap.add_argument("--flush-denormal", action="store_true",
-                    help="torch.set_flush_denormal(True) first (CPU: subnormal floats can make "
-                         "early training steps many times slower; the trainer does not set it)")
-    ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(RESULTS), help="folder for bench_train.json/.md/.png")
-    args = ap.parse_args(argv)
-    defaults = GPU_DEFAULTS if (args.gpu_defaults or CUDA) and not args.cpu_defaults else CPU_DEFAULTS
-    for k, v in defaults.items():
+    args, rest = ap.parse_known_args(argv)
+    args.gpu = (args.gpu_defaults or CUDA) and not args.cpu_defaults
+    for k, v in (GPU_DEFAULTS if args.gpu else CPU_DEFAULTS)[1].items():
         if getattr(args, k) is None:
             setattr(args, k, v)
-    if args.vocab is None:
-        args.vocab = 512 if args.preset == "tiny" else CLIP_VOCAB
     if args.fused is None:
         args.fused = "triton/triton" if CUDA else "torch-varlen/gather"
-    return args
-
-
-def variant(model, spec):
-    from hvfm.model import get_backend
-    attn, _, embed = spec.partition("/")
-    if attn != "sdpa" and get_backend(attn) is get_backend("sdpa"):
-        raise SystemExit(f"attention backend '{attn}' is not available here (it would fall back to "
-                         f"sdpa); choose another with --fused/--unfused")
-    model.set_attention(attn)
-    if embed:
-        model.video.patch_embed = embed
-    return model
+    return args, trainer_argv(args, rest)
 
 
 def main(argv=None):
-    args = parse_args(argv)
+    from hvfm.config import ConfigError
+    from hvfm.data import DataError
+    args, targv = parse_args(argv)
+    try:
+        return bench(args, targv)
+    except (BenchError, ConfigError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    finally:
+        import torch.distributed as dist
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+            from hvfm.distributed import remove_shm_buffer
+            remove_shm_buffer()
+
+
+def bench(args, targv):
+    import importlib.util
+    if importlib.util.find_spec("deepspeed") is None:
+        raise BenchError("bench_train drives the trainer, which needs deepspeed: pip install deepspeed "
+                         "(on a machine without the registry, carry its wheels: profiling/README.md)")
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.flush_denormal:
-        torch.set_flush_denormal(True)
     info = machine_info()
     device_name = info["gpu"] or info["cpu"]
     print(f"machine: {describe(info)}")
@@ -605,13 +599,20 @@ def main(argv=None):
         notes.append(f"the CPU was shared: load average {load:.1f} on {os.cpu_count()} cores at the "
                      f"start; absolute rates are low and noisy, the per-pair ratios less so")
         print(f"NOTE: {notes[-1]}")
-    use_ds = have_deepspeed() and not args.no_deepspeed
-    if not use_ds:
-        why = "--no-deepspeed" if args.no_deepspeed else "deepspeed is not importable"
-        notes.append(f"plain torch AdamW loop ({why}), not the DeepSpeed engine")
-        print(f"NOTE: {notes[-1]}")
-    precision = pick_precision(args.precision)
-    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[precision]
+    made_scratch = "--output-dir" not in targv
+    setup = trainer_setup(targv)
+    try:
+        return measure(args, setup, info, device_name, notes, load)
+    finally:
+        if made_scratch:
+            shutil.rmtree(setup.scratch, ignore_errors=True)
+
+
+def measure(args, setup, info, device_name, notes, load):
+    from hvfm.build import build_engine
+    from hvfm.config import is_builtin
+    targs, precision = setup.args, setup.precision
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
     if args.peak_tflops:
         peak, source = args.peak_tflops, "--peak-tflops"
     elif CUDA:
@@ -620,46 +621,79 @@ def main(argv=None):
     else:
         peak = cpu_peak_tflops(dtype)
         source = f"measured {precision} 1024^3 matmul on this CPU"
-    init_world(use_ds)
-    device = f"cuda:{torch.cuda.current_device()}" if CUDA else "cpu"
 
-    model, tok = build_model(args)
-    models = {"fused": model, "unfused": copy.deepcopy(model)}
+    models = {"fused": setup.model, "unfused": copy.deepcopy(setup.model)}
     for name, spec in (("fused", args.fused), ("unfused", args.unfused)):
         variant(models[name], spec)
-    shape = ModelShape.of(model)
-    n_params = sum(p.numel() for p in model.parameters())
-    cfg = ds_config(args.deepspeed, args.batch, precision)
-    engines = {k: make_engine(m, cfg, use_ds, dtype, device) for k, m in models.items()}
-    del model, models
-    batches = synthetic_batches(args, tok, device, dtype)
-    print(f"{args.preset}: {n_params / 1e6:.1f}M parameters; {args.frames} frames x {args.size} px, "
-          f"batch {args.batch}; {precision}; {'DeepSpeed' if use_ds else 'torch'} engine; "
-          f"fused {args.fused} vs unfused {args.unfused}; peak {peak and round(peak, 3)} TFLOP/s ({source})")
+    shape = ModelShape.of(setup.model)
+    n_params = sum(p.numel() for p in setup.model.parameters())
+    total_steps = len(args.drop) * (args.warmup + 2 * args.steps + loader_skip(targs))
+    engines, zero, host_check = {}, None, False
+    for name, m in models.items():
+        engines[name], _, _, _, host_check = build_engine(m, setup.cfg, precision, targs, total_steps)
+        zero = f"ZeRO-{engines[name].zero_optimization_stage()}"
+    setup.model = None
+    del models
+    data = ("the built-in corpus" if is_builtin(targs) else
+            targs.train_shards or targs.train_csv or targs.train_json)
+    what = targs.clip or f"--model {targs.model} (random weights)"
+    if shape.vocab < 49408:
+        notes.append(f"text vocabulary {shape.vocab} (the run's tokenizer; CLIP's has 49,408): the "
+                     f"MLM head costs less than with a real CLIP (--clip DIR)")
+    if is_builtin(targs):
+        notes.append("data: the built-in corpus, small clips: decoding is far cheaper than on "
+                     "WebVid's 640x360 (profiling/bench_data.py measures that)")
+    print(f"{what}: {n_params / 1e6:.1f}M parameters; {targs.frames} frames x {setup.size} px, "
+          f"batch {setup.micro}; {precision} ({setup.precision_why}); DeepSpeed {zero}; "
+          f"fused {args.fused} vs unfused {args.unfused}; data {data}, {targs.workers} worker(s); "
+          f"peak {peak and round(peak, 3)} TFLOP/s ({source})", flush=True)
 
-    payload = {"benchmark": "bench_train", "machine": info, "config": vars(args),
+    config = dict(preset=targs.clip or targs.model, frames=targs.frames, size=setup.size,
+                  batch=setup.micro, drop=args.drop, steps=args.steps, warmup=args.warmup,
+                  fused=args.fused, unfused=args.unfused, trainer_flags=vars(targs))
+    payload = {"benchmark": "bench_train", "machine": info, "config": config,
                "device": "cuda" if CUDA else "cpu", "device_name": device_name,
-               "engine": "deepspeed" if use_ds else "torch", "precision": precision,
+               "engine": "deepspeed", "zero": zero, "precision": precision,
+               "precision_why": setup.precision_why, "trainer_attn": setup.attn,
+               "data": data, "workers": targs.workers, "loader_skip": loader_skip(targs),
                "parameters": n_params, "model_shape": asdict(shape),
                "variants": {"fused": args.fused, "unfused": args.unfused},
                "peak_tflops": peak, "peak_source": source, "notes": notes, "complete": False,
-               "threads": torch.get_num_threads(), "load_average_start": load,
-               "results": []}
+               "threads": torch.get_num_threads(), "load_average_start": load, "results": []}
+    batches = endless(setup.loader)
     for di, drop in enumerate(args.drop):
+        seeds = lambda i: np.random.SeedSequence([targs.seed, di, i])  # noqa: E731 - same per pair
         steps = {"fused": [], "unfused": []}
-        for name, eng in engines.items():
-            for w in range(args.warmup):
-                one_step(eng, batches[w % len(batches)], drop, 10_000 * (di + 1) + w, args.reverse_negatives, shape)
-        for i in range(args.steps):  # fused, unfused, fused, unfused, ... same seed per pair
-            for name, eng in engines.items():
-                steps[name].append(one_step(eng, batches[i % len(batches)], drop, 1000 * di + i,
-                                            args.reverse_negatives, shape))
+        step = lambda name, batch, i: one_step(engines[name], batch, setup, drop, seeds(i), shape,  # noqa: E731
+                                               dtype, host_check)
+        for w in range(args.warmup):
+            batch = next(batches)
+            for name in engines:
+                step(name, batch, 10_000 + w)
+        for i in range(args.steps):  # fused, unfused, fused, unfused, ... same batch and seeds per pair
+            batch = next(batches)
+            for name in engines:
+                steps[name].append(step(name, batch, i))
         res = {name: summarise(s, peak) for name, s in steps.items()}
         ratio = compare(steps["fused"], steps["unfused"], res["fused"], res["unfused"])
-        payload["results"].append({"drop": drop, **res, "ratio": ratio, "step_log": steps})
+        # the loader phase: the fused engine alone takes its batches from the loader, as training
+        loader_steps = []
+        for i in range(loader_skip(targs) + args.steps):
+            t = time.perf_counter()
+            batch = next(batches)
+            wait = time.perf_counter() - t
+            s = step("fused", batch, 20_000 + i)
+            s["wait_s"] = wait
+            loader_steps.append(s)
+        counted = loader_steps[loader_skip(targs):]
+        payload["results"].append({"drop": drop, **res, "ratio": ratio, "loader": loader_share(counted),
+                                   "step_log": steps, "loader_log": loader_steps})
+        ld = payload["results"][-1]["loader"]
         print(f"drop {drop}: fused {res['fused']['tokens_per_s']:.0f} tokens/s "
               f"({res['fused']['step_ms']:.0f} ms/step), unfused {res['unfused']['tokens_per_s']:.0f} "
-              f"({res['unfused']['step_ms']:.0f} ms/step): {ratio['speedup']:.2f}x", flush=True)
+              f"({res['unfused']['step_ms']:.0f} ms/step): {ratio['speedup']:.2f}x; loader share "
+              f"{100 * ld['share']:.1f}% ({ld['wait_ms']:.0f} ms waiting per {ld['step_ms']:.0f} ms step)",
+              flush=True)
         write_outputs(payload, args.out)
         gc.collect()
     if CUDA:
@@ -669,10 +703,14 @@ def main(argv=None):
     payload["load_average_end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     payload["complete"] = True
     path = write_outputs(payload, args.out)
-    t1, t2 = table(payload)
-    print(t1 + "\n\n" + t2)
+    print("\n\n".join(table(payload)))
     print(f"wrote {path}")
     return payload
+
+
+def loader_skip(targs):
+    """Loader-phase steps not counted: the batches the workers queued during the compute phase."""
+    return targs.workers * PREFETCH
 
 
 if __name__ == "__main__":

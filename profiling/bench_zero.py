@@ -4,7 +4,8 @@ The model gets a fusion encoder large enough for its parameters to matter (defau
 of width 512 over the tiny towers, ~20M parameters; on GPU 6 layers of width 1024 over ViT-B/16).
 It is trained through the DeepSpeed engine with each of ds_configs/z1.json, z2.json, z3.json and
 z3_offload.json, each without and with activation checkpointing, on 2 ranks (CPU, gloo) or on the
-GPUs present (nccl), a few steps each on synthetic batches (as bench_train). Per rank it reports:
+GPUs present (nccl), a few steps each on in-memory batches (random pixels, random caption ids over a
+CLIP-sized vocabulary), with the trainer's precision choice, LR groups and engine config. Per rank it reports:
 
   params      bytes of the storages behind the module's parameters (ZeRO-3: its partitions
               ds_tensor, plus the small parameters kept whole), in the training dtype
@@ -132,14 +133,72 @@ def model_state_bytes(engine):
 
 # ------------------------------------------------------------------------------------ worker
 
-def ds_config(name, batch, precision):
-    cfg = json.loads((ROOT / "ds_configs" / f"{name}.json").read_text())
-    cfg["train_micro_batch_size_per_gpu"] = batch
-    cfg["gradient_accumulation_steps"] = 1
-    cfg.pop("train_batch_size", None)
-    cfg["bf16"] = {"enabled": precision == "bf16"}
-    cfg["fp16"] = {"enabled": False}
-    return cfg
+class _Vocab:
+    """What VideoLanguageModel.from_clip needs of a tokenizer: a size and a mask id."""
+    bos_token_id, eos_token_id, pad_token_id = 0, 1, 2
+
+    def __init__(self, n):
+        self.n, self.mask_token_id = n, n - 1
+
+    def __len__(self):
+        return self.n
+
+
+def build_model(args):
+    """The preset over a CLIP-sized vocabulary (`--vocab`), random weights: what ZeRO partitions."""
+    from transformers import CLIPModel
+
+    from hvfm.model import VideoLanguageModel, preset_config
+    tok = _Vocab(args.vocab)
+    config = preset_config(args.preset, len(tok), tok.bos_token_id, tok.eos_token_id,
+                           tok.pad_token_id, image_size=args.size)
+    torch.manual_seed(args.seed)
+    clip = CLIPModel(config)
+    model = VideoLanguageModel.from_clip(clip, tok, fusion_layers=args.fusion_layers,
+                                         fusion_width=args.fusion_width, attn="sdpa",
+                                         max_frames=max(args.frames, 16),
+                                         checkpointing=args.activation_checkpointing)
+    return model, tok
+
+
+def synthetic_batches(args, tok, device, dtype, count=2):
+    """`count` loader-style batches: pixels already on the device in the step's dtype (the copy
+    from a pinned loader batch overlaps compute in training, so it is not timed), ids, mask,
+    MLM ids and labels on the host as the loader gives them."""
+    lo, hi = (int(x) for x in args.caption_tokens.split(":"))
+    g = torch.Generator().manual_seed(args.seed)
+    rng = np.random.default_rng(args.seed)
+    out = []
+    for _ in range(count):
+        B, T, S = args.batch, args.frames, args.size
+        pixels = torch.randn(B, T, 3, S, S, generator=g).to(device, dtype)
+        lens = rng.integers(lo, hi + 1, B)
+        L = int(lens.max())
+        ids = torch.full((B, L), tok.pad_token_id, dtype=torch.int64)
+        am = torch.zeros(B, L, dtype=torch.int64)
+        words = torch.randint(3, tok.mask_token_id, (B, L), generator=g)
+        masked = torch.zeros(B, L, dtype=torch.bool)
+        for i, n in enumerate(lens):
+            ids[i, 0], ids[i, 1:n - 1], ids[i, n - 1] = tok.bos_token_id, words[i, :n - 2], tok.eos_token_id
+            am[i, :n] = 1
+            masked[i, 1:n - 1] = torch.rand(n - 2, generator=g) < args.mask_ratio
+            masked[i, 1] = True  # at least one masked word per caption
+        labels = torch.where(masked, ids, torch.full_like(ids, -100))
+        mlm_ids = torch.where(masked, torch.full_like(ids, tok.mask_token_id), ids)
+        out.append(dict(pixels=pixels, num_frames=torch.full((B,), T, dtype=torch.int64),
+                        input_ids=ids, attention_mask=am, mlm_input_ids=mlm_ids, mlm_labels=labels,
+                        index=torch.arange(B)))
+    return out
+
+
+
+def ds_config(name, batch, precision, world):
+    """ds_configs/NAME.json as the trainer reads it (`read_ds_config`, --batch-size `batch`) and
+    hands it to the engine (`engine_config`: the precision stated, fp32 gradient accumulation
+    under bf16 with ZeRO)."""
+    from hvfm.config import engine_config, read_ds_config
+    cfg = read_ds_config(ROOT / "ds_configs" / f"{name}.json", world, batch)
+    return engine_config(cfg, precision)
 
 
 def mem_reset():
@@ -168,17 +227,22 @@ def sync():
 def run_config(args, name, checkpointing, precision, dtype, device):
     import deepspeed
 
-    from profiling import bench_train as bt
+    import torch.distributed as dist
+
+    from hvfm.config import FRESH_LR_MULT, TEMPORAL_LR_MULT
+    from hvfm.optim import param_groups
+    from profiling.bench_train import variant
     margs = argparse.Namespace(**{**vars(args), "activation_checkpointing": checkpointing,
                                   "vocab": args.vocab})
     base = mem_reset()
-    model, tok = bt.build_model(margs)
-    bt.variant(model, args.fused)
-    cfg = ds_config(name, args.batch, precision)
+    model, tok = build_model(margs)
+    variant(model, args.fused)
+    cfg = ds_config(name, args.batch, precision, dist.get_world_size())
     opt = cfg["optimizer"]["params"]
     engine, _, _, _ = deepspeed.initialize(model=model, config=cfg,
-                                           model_parameters=bt.param_groups(model, opt["weight_decay"], opt["lr"]))
-    batches = bt.synthetic_batches(margs, tok, device, dtype)
+                                           model_parameters=param_groups(model, opt["weight_decay"], opt["lr"],
+                                                                          TEMPORAL_LR_MULT, FRESH_LR_MULT))
+    batches = synthetic_batches(margs, tok, device, dtype)
     n_params = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())
     steps, states, start_mem, peak = [], None, None, 0
     for i in range(args.warmup + args.steps):
@@ -234,8 +298,8 @@ def worker(args):
         torch.set_num_threads(args.threads)
     deepspeed.init_distributed(dist_backend="nccl" if CUDA else "gloo", verbose=False)
     rank, world = dist.get_rank(), dist.get_world_size()
-    from profiling.bench_train import pick_precision
-    precision = pick_precision(args.precision)
+    from hvfm.config import pick_precision
+    precision, _ = pick_precision(args.precision, CUDA)  # the trainer's choice
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     device = f"cuda:{local}" if CUDA else "cpu"
     name, ck = args.worker_config, args.worker_checkpointing

@@ -7,10 +7,12 @@
 #
 # Results: $OUT if set, else --out, else profiling/results/<gpu-name>-<date>/ ; one log per stage
 # under logs/, and gpu_check.md (each stage: ok / failed / timed out / skipped, and why).
-# Works on a bare machine with torch + triton: a missing pytest skips the test stages, a missing
-# deepspeed runs bench_train with a plain torch loop and skips bench_zero, missing decord and av
-# skip bench_data (project_epoch then uses the committed CPU decode rate), missing matplotlib
-# skips the PNGs. --dry-run prints the stages and their commands and runs nothing (works anywhere).
+# Works on a bare machine with torch + triton. Wheels in .whl/ (`bash profiling/gpu_wheels.sh` on a
+# machine with the registry, then carry .whl) are installed into /tmp/site first. Without them: a
+# missing pytest skips the test stages; a missing deepspeed skips tests_sync, bench_train (it
+# drives the trainer) and bench_zero; missing decord and av skip bench_train (the trainer's loader)
+# and bench_data (project_epoch then uses the committed results); missing matplotlib skips the
+# PNGs. --dry-run prints the stages and their commands and runs nothing (works anywhere).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -53,6 +55,16 @@ fi
 if [ -z "$GPU" ] && [ "$DRY" = 0 ]; then
   echo "gpu_check.sh: no CUDA GPU here (nvidia-smi and torch see none); use --dry-run to see the stages" >&2
   exit 2
+fi
+
+# carried wheels (profiling/gpu_wheels.sh): installed beside the machine's own packages
+if [ "$DRY" = 0 ] && ls .whl/*.whl >/dev/null 2>&1; then
+  if "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+      --target /tmp/site .whl/*.whl; then
+    export PYTHONPATH="/tmp/site:$PYTHONPATH"
+  else
+    echo "gpu_check.sh: the wheels in .whl/ did not install; going on without them" >&2
+  fi
 fi
 
 # which optional modules are installed (found, not imported: one quick python start)
@@ -133,7 +145,7 @@ if [ "$HAVE_PYTEST" = 1 ]; then
   if [ "$HAVE_DS" = 1 ]; then  # one whole training step under torch.cuda.set_sync_debug_mode("error")
     stage tests_sync 40 "$PY" -m pytest -q tests/test_train_step.py -k sync
   else
-    skip tests_sync "deepspeed is not installed (carry a wheel: pip install deepspeed-*.whl)"
+    skip tests_sync "deepspeed is not installed (bash profiling/gpu_wheels.sh, carry .whl)"
   fi
 else
   skip tests_kernels "pytest is not installed (pip install pytest)"
@@ -142,11 +154,17 @@ else
 fi
 
 stage bench_kernels 40 "$PY" profiling/bench_kernels.py --out "$RES"
-stage bench_train 130 "$PY" profiling/bench_train.py --gpu-defaults --out "$RES"
+if [ "$HAVE_DS" = 1 ] && [ "$HAVE_DECODER" = 1 ]; then
+  # the trainer's set-up, loader and step on the built-in corpus (generated once, ~10 s)
+  stage bench_train 130 "$PY" profiling/bench_train.py --gpu-defaults --drop 0 0.5 0.9 0.1:0.5 \
+    --steps 5 --warmup 2 --out "$RES"
+else
+  skip bench_train "it drives the trainer: needs deepspeed and decord or av (bash profiling/gpu_wheels.sh, carry .whl)"
+fi
 if [ "$HAVE_DS" = 1 ]; then
   stage bench_zero 120 "$PY" profiling/bench_zero.py --out "$RES"
 else
-  skip bench_zero "deepspeed is not installed (bench_train used a plain torch AdamW loop)"
+  skip bench_zero "deepspeed is not installed (bash profiling/gpu_wheels.sh, carry .whl)"
 fi
 if [ "$HAVE_DECODER" = 1 ]; then
   # 640x360 clips of 10-30 s, generated once (4 here, to fit the budget): one file per clip

@@ -10,7 +10,7 @@ from hvfm.model.losses import host_pairs, vtc_loss
 from hvfm.model.model import reverse_count
 from hvfm.model.testing import tiny_batch, tiny_clip, tiny_tokenizer
 from hvfm.model.video import patch_flow
-from hvfm.train import FRESH_FUSION, TIME_PARAMS, param_groups
+from hvfm.optim import FRESH_FUSION, TIME_PARAMS, param_groups
 
 
 @pytest.fixture(scope="module")

@@ -40,20 +40,31 @@ def positive(x):
 
 
 @pytest.fixture(scope="module")
-def train_json(tmp_path_factory):
+def corpus(tmp_path_factory):
+    from hvfm.data.synthetic import generate
+    return generate(tmp_path_factory.mktemp("syn"), n_train=8, n_test=4, frames=4, size=32, seed=0)
+
+
+@pytest.fixture(scope="module")
+def train_json(tmp_path_factory, corpus):
     out = tmp_path_factory.mktemp("bench_train")
-    run("bench_train.py", "--cpu-defaults", "--frames", 2, "--size", 32, "--batch", 3,
-        "--drop", "0.5", "0.1:0.5", "--steps", 2, "--warmup", 1, "--threads", 1,
-        "--caption-tokens", "6:12", "--precision", "fp32", "--out", out)
+    # bench options, then train.py's own flags: the trainer's set-up, loader and step
+    run("bench_train.py", "--cpu-defaults", "--drop", "0.5", "0.1:0.5", "--steps", 2, "--warmup", 1,
+        "--threads", 1, "--out", out,
+        "--frames", 2, "--size", 32, "--batch-size", 3, "--precision", "fp32", "--workers", 1,
+        "--train-csv", corpus.train_csv, "--video-root", corpus.train_root)
     return out / "bench_train.json"
 
 
 def test_bench_train_json_rates_and_ratios(train_json):
     d = json.loads(train_json.read_text())
     assert d["benchmark"] == "bench_train" and d["complete"] and d["engine"] == "deepspeed"
+    assert d["zero"] == "ZeRO-2" and d["precision"] == "fp32" and d["workers"] == 1
     assert d["machine"]["versions"]["torch"] and "commit" in d["machine"]
+    assert (d["config"]["frames"], d["config"]["size"], d["config"]["batch"]) == (2, 32, 3)
+    assert d["config"]["trainer_flags"]["train_csv"].endswith("train.csv")
     assert [r["drop"] for r in d["results"]] == ["0.5", "0.1:0.5"]
-    assert positive(d["peak_tflops"])
+    assert positive(d["peak_tflops"]) and d["model_shape"]["motion"]  # the trainer's default model
     for r in d["results"]:
         for name in ("fused", "unfused"):
             v = r[name]
@@ -61,38 +72,64 @@ def test_bench_train_json_rates_and_ratios(train_json):
             for k in ("step_ms", "forward_ms", "backward_ms", "optimizer_ms", "samples_per_s",
                       "tokens_per_s", "tflops", "mfu", "peak_mem_gib"):
                 assert positive(v[k]), (name, k, v[k])
+            assert v["prepare_ms"] >= 0
             steps = r["step_log"][name]
             assert v["tokens_per_s"] == pytest.approx(sum(s["tokens"] for s in steps) /
                                                       sum(s["step_s"] for s in steps))
-        # same seeds per pair: both variants saw the same tokens
+            for s in steps:  # the parts lie within the step's wall time
+                assert s["prepare_s"] + s["forward_s"] + s["backward_s"] + s["optimizer_s"] <= s["step_s"]
+        # same batch and seeds per pair: both variants saw the same tokens
         assert [s["tokens"] for s in r["step_log"]["fused"]] == [s["tokens"] for s in r["step_log"]["unfused"]]
         c = r["ratio"]
         assert c["speedup"] == pytest.approx(r["fused"]["tokens_per_s"] / r["unfused"]["tokens_per_s"])
         assert c["pair_speedup_min"] <= c["pair_speedup_median"] <= c["pair_speedup_max"]
+        # the loader phase: workers x 2 queued steps uncounted, then --steps counted
+        ld, log = r["loader"], r["loader_log"]
+        assert len(log) == d["loader_skip"] + 2 == 1 * 2 + 2 and ld["steps"] == 2
+        wait, step = sum(s["wait_s"] for s in log[2:]), sum(s["step_s"] for s in log[2:])
+        assert ld["share"] == pytest.approx(wait / (wait + step)) and 0 <= ld["share"] < 1
+        assert ld["samples_per_s"] == pytest.approx(6 / (wait + step))
     md = (train_json.parent / "bench_train.md").read_text()
-    assert "speedup" in md and "torch-varlen/gather" in md
+    assert "speedup" in md and "torch-varlen/gather" in md and "loader share" in md
     assert (train_json.parent / "bench_train.png").exists() == HAVE_MPL
 
 
-def test_flop_count_matches_torch_flop_counter():
+def test_bench_train_bad_trainer_flag_is_one_line(tmp_path):
+    r = subprocess.run([sys.executable, str(ROOT / "profiling" / "bench_train.py"), "--out", tmp_path,
+                        "--drop-ratio", "1.5", "--train-json", "nowhere.json", "--video-root", tmp_path],
+                       cwd=ROOT, env=env(), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("error: --drop-ratio"), r.stderr
+    assert not (tmp_path / "bench_train.json").exists()
+
+
+@pytest.mark.parametrize("reverse", [1.0, 0.5, 0.0])
+def test_flop_count_matches_torch_flop_counter(reverse):
     """train_flops' forward count = what torch's FlopCounterMode sees on the packed path (math SDPA),
-    up to causal text attention, which we count as Lq(Lq+1)/2 pairs and SDPA computes as Lq^2."""
+    up to causal text attention, which we count as Lq(Lq+1)/2 pairs and SDPA computes as Lq^2.
+    The model as the trainer builds it: motion channel, a fusion wider than the text tower."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
-    from hvfm.model import keep_counts
-    args = bench_train.parse_args(["--cpu-defaults", "--size", "32", "--frames", "2", "--batch", "4",
-                                   "--caption-tokens", "10:10", "--fusion-width", "96"])
-    model, tok = bench_train.build_model(args)
+    from hvfm.model import VideoLanguageModel, add_mask_token, keep_counts
+    from hvfm.model.testing import tiny_batch, tiny_clip, tiny_tokenizer
+    tok = tiny_tokenizer()
+    clip = tiny_clip(tok, dtype=torch.float32)
+    add_mask_token(clip, tok)
+    model = VideoLanguageModel.from_clip(clip, tok, fusion_layers=1, fusion_width=48, motion=True,
+                                         vtm_token="last", max_frames=16)
     bench_train.variant(model, "torch-varlen/gather")
-    batch = bench_train.synthetic_batches(args, tok, "cpu", torch.float32, count=1)[0]
+    caps = ["a red ball moves left", "the blue box turns fast", "a green circle jumps up",
+            "the red square moves down"]  # equally long: the hard negatives' lengths are exact
+    batch = tiny_batch(tok, caps, [2, 2, 2, 2], image=32, mask_prob=0.4)
+    seeds = np.random.SeedSequence([0, 1])
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc:
-        model(batch, drop_ratio="0.5", rng=np.random.default_rng(0),
-              generator=torch.Generator().manual_seed(0), reverse_negatives=True)
-    counts = keep_counts(np.full(4, 2 * 4), "0.5", np.random.default_rng(0))
+        model(batch, drop_ratio="0.5", rng=np.random.default_rng(seeds),
+              generator=torch.Generator().manual_seed(0), reverse_negatives=reverse)
     shape = bench_train.ModelShape.of(model)
+    assert shape.motion and shape.f_width != shape.t_width
+    counts = keep_counts(np.full(4, 2 * (32 // shape.patch) ** 2), "0.5", np.random.default_rng(seeds))
     lens = batch["attention_mask"].sum(1).numpy()
-    f = bench_train.train_flops(shape, counts + 1, lens, int((batch["mlm_labels"] != -100).sum()))
+    f = bench_train.train_flops(shape, counts + 1, lens, int((batch["mlm_labels"] != -100).sum()), reverse)
     causal_gap = 2 * 4.0 * (lens ** 2 - lens * (lens + 1) / 2).sum() * shape.t_width * shape.t_layers
     assert f["forward"] + causal_gap == pytest.approx(fc.get_total_flops(), rel=1e-4)
     assert f["total"] == pytest.approx(3 * f["linear"] + 3.5 * f["attention"] + 2 * f["patch"])
@@ -113,10 +150,6 @@ def test_plots_are_optional(monkeypatch, capsys, tmp_path):
     assert bench_train.plot({"results": [{}]}, tmp_path / "x.png") is None
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    from hvfm.data.synthetic import generate
-    return generate(tmp_path_factory.mktemp("syn"), n_train=8, n_test=4, frames=4, size=32, seed=0)
 
 
 def test_bench_data_and_epoch_projection(corpus, train_json, tmp_path):

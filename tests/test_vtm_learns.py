@@ -8,7 +8,7 @@ import torch
 
 from hvfm.model import VideoLanguageModel
 from hvfm.model.testing import tiny_clip, tiny_tokenizer
-from hvfm.train import param_groups
+from hvfm.optim import param_groups
 
 COLOURS = {"red": (1.5, -1.0, -1.0), "blue": (-1.0, -1.0, 1.5), "green": (-1.0, 1.5, -1.0)}
 SHAPES = ("ball", "box", "circle", "square")
