@@ -88,6 +88,7 @@ def test_bench_train_json_rates_and_ratios(train_json):
         assert len(log) == d["loader_skip"] + 2 == 1 * 2 + 2 and ld["steps"] == 2
         wait, step = sum(s["wait_s"] for s in log[2:]), sum(s["step_s"] for s in log[2:])
         assert ld["share"] == pytest.approx(wait / (wait + step)) and 0 <= ld["share"] < 1
+        assert ld["wait_ms"] <= ld["wait_ms_max"] == pytest.approx(1e3 * max(s["wait_s"] for s in log[2:]))
         assert ld["samples_per_s"] == pytest.approx(6 / (wait + step))
     md = (train_json.parent / "bench_train.md").read_text()
     assert "speedup" in md and "torch-varlen/gather" in md and "loader share" in md
