@@ -255,8 +255,7 @@ def trainer_setup(rest):
         raise BenchError("bench_train measures the video stage of a fresh run: drop --stage/--resume")
     if int(os.environ.get("WORLD_SIZE", 1)) > 1:
         raise BenchError("bench_train measures one device: run it with python, not a launcher")
-    scratch = Path(args.output_dir or tempfile.mkdtemp(prefix="hvfm-bench-train-"))
-    args.output_dir = str(scratch)
+    scratch = Path(args.output_dir)
     if not args.verbose:
         quiet_libraries()
     if not CUDA:  # as the trainer: subnormal floats make early CPU steps many times slower
@@ -600,13 +599,16 @@ def bench(args, targv):
         notes.append(f"the CPU was shared: load average {load:.1f} on {os.cpu_count()} cores at the "
                      f"start; absolute rates are low and noisy, the per-pair ratios less so")
         print(f"NOTE: {notes[-1]}")
-    made_scratch = "--output-dir" not in targv
-    setup = trainer_setup(targv)
+    # the run folder (a trained tokenizer, init_clip): a temporary one unless --output-dir is given
+    scratch = None
+    if not any(a == "--output-dir" or a.startswith("--output-dir=") for a in targv):
+        scratch = tempfile.mkdtemp(prefix="hvfm-bench-train-")
+        targv = [*targv, "--output-dir", scratch]
     try:
-        return measure(args, setup, info, device_name, notes, load)
+        return measure(args, trainer_setup(targv), info, device_name, notes, load)
     finally:
-        if made_scratch:
-            shutil.rmtree(setup.scratch, ignore_errors=True)
+        if scratch:
+            shutil.rmtree(scratch, ignore_errors=True)
 
 
 def measure(args, setup, info, device_name, notes, load):

@@ -96,11 +96,15 @@ def test_bench_train_json_rates_and_ratios(train_json):
 
 
 def test_bench_train_bad_trainer_flag_is_one_line(tmp_path):
+    tmp = tmp_path / "tmp"  # where the bench makes its temporary run folder
+    tmp.mkdir()
     r = subprocess.run([sys.executable, str(ROOT / "profiling" / "bench_train.py"), "--out", tmp_path,
                         "--drop-ratio", "1.5", "--train-json", "nowhere.json", "--video-root", tmp_path],
-                       cwd=ROOT, env=env(), capture_output=True, text=True, timeout=120)
+                       cwd=ROOT, env={**env(), "TMPDIR": str(tmp)}, capture_output=True, text=True,
+                       timeout=120)
     assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("error: --drop-ratio"), r.stderr
     assert not (tmp_path / "bench_train.json").exists()
+    assert list(tmp.glob("hvfm-bench-train-*")) == []  # a failed start leaves no run folder
 
 
 @pytest.mark.parametrize("reverse", [1.0, 0.5, 0.0])
