@@ -376,7 +376,10 @@ def one_step(engine, batch, setup, drop, seeds, shape, dtype, host_check):
     clock = Clock()
     wall = time.perf_counter()
     clock.mark()
-    out = train_step(Timed(engine, clock), batch, seeds, args, setup.weights, dtype, bad_loss, host_check)
+    # a copy of the batch dict: train_step's prepare_batch replaces its frames and consumes its
+    # crop rows, and the other variant of the pair takes the same batch
+    out = train_step(Timed(engine, clock), dict(batch), seeds, args, setup.weights, dtype, bad_loss,
+                     host_check)
     if CUDA:
         torch.cuda.synchronize()
     wall = time.perf_counter() - wall

@@ -107,6 +107,46 @@ def test_bench_train_bad_trainer_flag_is_one_line(tmp_path):
     assert list(tmp.glob("hvfm-bench-train-*")) == []  # a failed start leaves no run folder
 
 
+def test_one_step_leaves_the_batch_to_the_other_variant():
+    """On a GPU the loader's batches are uint8 frames + crop rows, which train_step's prepare_batch
+    replaces and consumes: each variant of a pair must get the batch as the loader gave it."""
+    import argparse
+    from types import SimpleNamespace
+
+    from hvfm.data.transform import draw_params
+    seen = []
+
+    class Engine:  # what train_step uses of a DeepSpeed engine
+        device = torch.device("cpu")
+
+        def __call__(self, batch, **kw):
+            seen.append(batch["pixels"])
+            loss = batch["pixels"].float().mean().requires_grad_()
+            return dict(loss=loss, vtc=loss, vtm=loss, mlm=loss, video_tokens=2 * 4 + 2, text_tokens=8)
+
+        def backward(self, loss):
+            pass
+
+        def step(self):
+            pass
+
+    rng = np.random.default_rng(0)
+    batch = dict(pixels=torch.randint(0, 255, (2, 2, 40, 48, 3), dtype=torch.uint8),
+                 crop=torch.from_numpy(np.stack([draw_params(40, 48, 32, True, rng)[0] for _ in range(2)])),
+                 num_frames=torch.tensor([2, 2]), attention_mask=torch.ones(2, 4, dtype=torch.int64),
+                 mlm_labels=torch.full((2, 4), -100), index=torch.arange(2))
+    frames = batch["pixels"]
+    setup = SimpleNamespace(args=argparse.Namespace(drop_ratio="0.5", reverse_negatives=1.0, vtm_hardness=0.0),
+                            size=32, weights={"vtc": 1.0, "vtm": 1.0, "mlm": 1.0})
+    shape = bench_train.ModelShape(v_width=8, v_layers=1, v_mlp=8, patch=16, channels=3, t_width=8,
+                                   t_layers=1, t_mlp=8, f_width=8, f_layers=1, f_mlp=8, proj=8, vocab=10)
+    for _ in range(2):  # fused, then unfused, on the same batch
+        bench_train.one_step(Engine(), batch, setup, "0.5", np.random.SeedSequence([0]), shape,
+                             torch.float32, host_check=False)
+    assert batch["pixels"] is frames and "crop" in batch  # untouched
+    assert seen[0].shape == seen[1].shape == (2, 2, 3, 32, 32) and torch.equal(seen[0], seen[1])
+
+
 @pytest.mark.parametrize("reverse", [1.0, 0.5, 0.0])
 def test_flop_count_matches_torch_flop_counter(reverse):
     """train_flops' forward count = what torch's FlopCounterMode sees on the packed path (math SDPA),
