@@ -618,7 +618,16 @@ def measure(args, setup, info, device_name, notes, load):
     from hvfm.build import build_engine
     from hvfm.config import is_builtin
     targs, precision = setup.args, setup.precision
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    models = {"fused": setup.model, "unfused": copy.deepcopy(setup.model)}
+    for name, spec in (("fused", args.fused), ("unfused", args.unfused)):
+        variant(models[name], spec)
+    shape = ModelShape.of(setup.model)
+    n_params = sum(p.numel() for p in setup.model.parameters())
+    total_steps = len(args.drop) * (args.warmup + 2 * args.steps + loader_skip(targs))
+    engines = {}
+    for name, m in models.items():
+        engines[name], _, _, dtype, host_check = build_engine(m, setup.cfg, precision, targs, total_steps)
+    zero = f"ZeRO-{engines['fused'].zero_optimization_stage()}"
     if args.peak_tflops:
         peak, source = args.peak_tflops, "--peak-tflops"
     elif CUDA:
@@ -627,17 +636,6 @@ def measure(args, setup, info, device_name, notes, load):
     else:
         peak = cpu_peak_tflops(dtype)
         source = f"measured {precision} 1024^3 matmul on this CPU"
-
-    models = {"fused": setup.model, "unfused": copy.deepcopy(setup.model)}
-    for name, spec in (("fused", args.fused), ("unfused", args.unfused)):
-        variant(models[name], spec)
-    shape = ModelShape.of(setup.model)
-    n_params = sum(p.numel() for p in setup.model.parameters())
-    total_steps = len(args.drop) * (args.warmup + 2 * args.steps + loader_skip(targs))
-    engines, zero, host_check = {}, None, False
-    for name, m in models.items():
-        engines[name], _, _, _, host_check = build_engine(m, setup.cfg, precision, targs, total_steps)
-        zero = f"ZeRO-{engines[name].zero_optimization_stage()}"
     setup.model = None
     del models
     data = ("the built-in corpus" if is_builtin(targs) else
