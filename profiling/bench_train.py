@@ -232,7 +232,6 @@ class Setup:
     micro: int
     loader: object
     cfg: dict  # the checked DeepSpeed config (engine_config applied per engine)
-    scratch: Path  # the run folder: tokenizer, init_clip; removed at the end
 
 
 def trainer_argv(args, rest):
@@ -255,19 +254,19 @@ def trainer_setup(rest):
         raise BenchError("bench_train measures the video stage of a fresh run: drop --stage/--resume")
     if int(os.environ.get("WORLD_SIZE", 1)) > 1:
         raise BenchError("bench_train measures one device: run it with python, not a launcher")
-    scratch = Path(args.output_dir)
+    run_dir = Path(args.output_dir)  # a trained tokenizer, init_clip
     if not args.verbose:
         quiet_libraries()
     if not CUDA:  # as the trainer: subnormal floats make early CPU steps many times slower
         torch.set_flush_denormal(True)
     weights, cfg, attn, precision, why = check_run(args, CUDA)
     rank, world = init_distributed(CUDA)
-    train_ann, _, tok_dir = prepare_data(args, scratch, rank)
-    model, tokenizer, _, _ = build_model(args, tok_dir, scratch, attn, rank)
+    train_ann, _, tok_dir = prepare_data(args, run_dir, rank)
+    model, tokenizer, _, _ = build_model(args, tok_dir, run_dir, attn, rank)
     size = args.size or model.video.image_size
     micro = cfg["train_micro_batch_size_per_gpu"]
     loader = build_train_loader(args, train_ann, tokenizer, micro, size, rank, world, CUDA)
-    return Setup(args, weights, attn, precision, why, model, size, micro, loader, cfg, scratch)
+    return Setup(args, weights, attn, precision, why, model, size, micro, loader, cfg)
 
 
 def variant(model, spec):

@@ -191,16 +191,6 @@ def synthetic_batches(args, tok, device, dtype, count=2):
     return out
 
 
-
-def ds_config(name, batch, precision, world):
-    """ds_configs/NAME.json as the trainer reads it (`read_ds_config`, --batch-size `batch`) and
-    hands it to the engine (`engine_config`: the precision stated, fp32 gradient accumulation
-    under bf16 with ZeRO)."""
-    from hvfm.config import engine_config, read_ds_config
-    cfg = read_ds_config(ROOT / "ds_configs" / f"{name}.json", world, batch)
-    return engine_config(cfg, precision)
-
-
 def mem_reset():
     if CUDA:
         torch.cuda.synchronize()
@@ -225,23 +215,22 @@ def sync():
 
 
 def run_config(args, name, checkpointing, precision, dtype, device):
-    import deepspeed
-
     import torch.distributed as dist
 
-    from hvfm.config import FRESH_LR_MULT, TEMPORAL_LR_MULT
-    from hvfm.optim import param_groups
+    from hvfm.build import build_engine
+    from hvfm.config import FRESH_LR_MULT, TEMPORAL_LR_MULT, read_ds_config
     from profiling.bench_train import variant
     margs = argparse.Namespace(**{**vars(args), "activation_checkpointing": checkpointing,
                                   "vocab": args.vocab})
     base = mem_reset()
     model, tok = build_model(margs)
     variant(model, args.fused)
-    cfg = ds_config(name, args.batch, precision, dist.get_world_size())
-    opt = cfg["optimizer"]["params"]
-    engine, _, _, _ = deepspeed.initialize(model=model, config=cfg,
-                                           model_parameters=param_groups(model, opt["weight_decay"], opt["lr"],
-                                                                          TEMPORAL_LR_MULT, FRESH_LR_MULT))
+    # ds_configs/NAME.json as the trainer reads it (--batch-size `batch`), and the trainer's engine:
+    # the precision stated, fp32 gradient accumulation under bf16 with ZeRO, its LR groups
+    cfg = read_ds_config(ROOT / "ds_configs" / f"{name}.json", dist.get_world_size(), args.batch)
+    schedule = argparse.Namespace(lr=None, warmup_steps=None, temporal_lr_mult=TEMPORAL_LR_MULT,
+                                  fresh_lr_mult=FRESH_LR_MULT)
+    engine = build_engine(model, cfg, precision, schedule, args.warmup + args.steps)[0]
     batches = synthetic_batches(margs, tok, device, dtype)
     n_params = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())
     steps, states, start_mem, peak = [], None, None, 0
