@@ -25,8 +25,21 @@ Two engines with identical weights, two phases per drop ratio:
            compute phase. Of the next --steps: the time spent waiting for a batch against the
            time in the step (the loader's share), and samples/s end to end.
 
+Then the extras, at one drop ratio (--extras-drop, 0.5): reversed-clip negatives for a fraction
+of the batch (--reverse 1 0.5 0: train.py's --reverse-negatives) and the motion channel
+(--motion on off: --[no-]motion-channel; the other setting is a second model built by
+`build_model`, with its own fused and unfused engines). The first value of each is the base; the
+others change one of the two from it (--grid: every combination). Every setting and both variants
+take each batch in turn with the same seeds, so the cost of each extra is a ratio measured in one
+run: per row the same numbers as above, and samples/s against the base setting.
+
+Each engine's first step (a warm-up step: compile, autotune, DeepSpeed's lazy set-up) is reported
+apart, against its steady-state step.
+
     python profiling/bench_train.py [--drop 0.5 0.75 0.1:0.5] [--steps 8] [--warmup 2]
                                     [--fused A/E] [--unfused A/E] [--out profiling/results]
+                                    [--reverse 1 0.5 0] [--motion on off] [--extras-drop 0.5]
+                                    [--grid | --no-extras]
                                     [--gpu-defaults | --cpu-defaults] [train.py flags ...]
 
 Any other flag is the trainer's (`python hvfm/train.py --help`), e.g. --deepspeed, --model, --clip,
@@ -37,8 +50,10 @@ per sample (a few minutes on 2 cores); with CUDA (or --gpu-defaults) --model vit
 Without data flags the built-in corpus is the data (generated once and cached, as the trainer
 does): its clips are small, so decoding is cheaper than on WebVid's 640x360
 (`profiling/bench_data.py` measures that). Writes bench_train.json (machine, versions, commit,
-every step), bench_train.md and bench_train.png (when matplotlib is installed) into --out; the
-JSON is rewritten after each drop ratio, so a run cut short keeps what it measured.
+every step), bench_train.md and bench_train.png (when matplotlib is installed) into --out. The
+JSON and the markdown are rewritten (atomically) after each engine's first step, each drop ratio
+and each round of the extras, marked "partial": true (the markdown's title: PARTIAL) until the
+end, so a run cut short (SIGTERM from `timeout` included) keeps what it measured.
 """
 from __future__ import annotations
 
@@ -232,6 +247,8 @@ class Setup:
     micro: int
     loader: object
     cfg: dict  # the checked DeepSpeed config (engine_config applied per engine)
+    tok_dir: object = None  # what build_model needs to build the model again (another --motion)
+    run_dir: object = None
 
 
 def trainer_argv(args, rest):
@@ -266,7 +283,17 @@ def trainer_setup(rest):
     size = args.size or model.video.image_size
     micro = cfg["train_micro_batch_size_per_gpu"]
     loader = build_train_loader(args, train_ann, tokenizer, micro, size, rank, world, CUDA)
-    return Setup(args, weights, attn, precision, why, model, size, micro, loader, cfg)
+    return Setup(args, weights, attn, precision, why, model, size, micro, loader, cfg, tok_dir, run_dir)
+
+
+def setup_model(setup, motion):
+    """The run's model with the motion channel on or off: the set-up's own model when its flags
+    say so, else `build_model` again with --[no-]motion-channel (the same CLIP folder)."""
+    from hvfm.build import build_model
+    if setup.model is not None and bool(setup.args.motion_channel) == motion:
+        return setup.model
+    args = argparse.Namespace(**{**vars(setup.args), "motion_channel": motion})
+    return build_model(args, setup.tok_dir, setup.run_dir, setup.attn, 0)[0]
 
 
 def variant(model, spec):
@@ -358,16 +385,24 @@ def memory_peak():
     return rss_bytes("VmHWM")
 
 
-def one_step(engine, batch, setup, drop, seeds, shape, dtype, host_check):
-    """One optimizer step through the trainer's `train_step`; returns its timings, tokens, FLOPs
-    and memory."""
+def one_step(engine, batch, setup, drop, seeds, shape, dtype, host_check, reverse=None):
+    """One optimizer step through the trainer's `train_step` (at `reverse`, the fraction of
+    reversed negatives: default the run's); returns its timings, tokens, FLOPs and memory, and
+    the video tokens the model's video tower encoded (main pass + reversed clips, counted by a
+    hook on the tower: what the reverse fraction did in the model)."""
     from hvfm.model import keep_counts
+    from hvfm.model.model import reverse_count
     from hvfm.train import train_step
-    args = argparse.Namespace(**{**vars(setup.args), "drop_ratio": drop})
+    reverse = setup.args.reverse_negatives if reverse is None else reverse
+    args = argparse.Namespace(**{**vars(setup.args), "drop_ratio": drop, "reverse_negatives": reverse})
     nf = np.asarray(batch["num_frames"], np.int64)
     B = len(nf)
     counts = keep_counts(nf * (setup.size // shape.patch) ** 2, drop,
                          np.random.default_rng(seeds))  # the model's own draw (same seeds)
+    n_rev = reverse_count(reverse, B)
+    tower = getattr(getattr(engine, "module", None), "video", None)
+    encoded = []
+    hook = tower.register_forward_hook(lambda m, i, o: encoded.append(o.varlen.total)) if tower else None
     text_lens = np.asarray(batch["attention_mask"].sum(1))
     masked = int((batch["mlm_labels"] != -100).sum())
     bad_loss = torch.zeros((), device=engine.device)
@@ -377,11 +412,15 @@ def one_step(engine, batch, setup, drop, seeds, shape, dtype, host_check):
     clock.mark()
     # a copy of the batch dict: train_step's prepare_batch replaces its frames and consumes its
     # crop rows, and the other variant of the pair takes the same batch
-    out = train_step(Timed(engine, clock), dict(batch), seeds, args, setup.weights, dtype, bad_loss,
-                     host_check)
-    if CUDA:
-        torch.cuda.synchronize()
-    wall = time.perf_counter() - wall
+    try:
+        out = train_step(Timed(engine, clock), dict(batch), seeds, args, setup.weights, dtype, bad_loss,
+                         host_check)
+        if CUDA:
+            torch.cuda.synchronize()
+        wall = time.perf_counter() - wall
+    finally:
+        if hook is not None:
+            hook.remove()
     if out is None:  # (no ZeRO) a non-finite loss: train_step dropped the micro-batch
         raise BenchError(f"drop {drop}: a non-finite loss; lower --lr or check the data")
     prep, fwd, bwd, opt = clock.spans()
@@ -390,12 +429,19 @@ def one_step(engine, batch, setup, drop, seeds, shape, dtype, host_check):
     if video_tokens != int(counts.sum()) + B:
         warnings.warn(f"FLOP count assumes {int(counts.sum()) + B} video tokens, the model used "
                       f"{video_tokens}", RuntimeWarning)
+    encoded = int(sum(encoded)) if hook is not None else None
+    expected = int(counts.sum() + B + counts[:n_rev].sum() + n_rev)
+    if encoded is not None and encoded != expected:
+        warnings.warn(f"FLOP count assumes the video tower encodes {expected} tokens (reverse "
+                      f"{reverse:g}: {n_rev} of {B} clips again), the model encoded {encoded}",
+                      RuntimeWarning)
     w = setup.weights
-    flops = train_flops(shape, counts + 1, text_lens, masked, setup.args.reverse_negatives,
+    flops = train_flops(shape, counts + 1, text_lens, masked, reverse,
                         vtm=bool(w["vtm"]), mlm=bool(w["mlm"]))
     return dict(prepare_s=prep, forward_s=fwd, backward_s=bwd, optimizer_s=opt,
-                step_s=wall, device_s=prep + fwd + bwd + opt,
-                video_tokens=video_tokens, text_tokens=text_tokens, tokens=video_tokens + text_tokens,
+                step_s=wall, device_s=prep + fwd + bwd + opt, reverse=float(reverse), reversed_clips=n_rev,
+                video_tokens=video_tokens, video_tokens_encoded=encoded,
+                text_tokens=text_tokens, tokens=video_tokens + text_tokens,
                 samples=B, flops=flops["total"], attention_flops_frac=3.5 * flops["attention"] / flops["total"],
                 loss=float(out["loss"].detach()), mem_start_bytes=base, mem_peak_bytes=peak)
 
@@ -440,16 +486,13 @@ def loader_share(steps):
 
 # ------------------------------------------------------------------------------------ report
 
-def table(payload):
+def main_tables(payload):
     rows, rat, lrows = [], [], []
     for d in payload["results"]:
         for name in ("fused", "unfused"):
             r = d[name]
-            rows.append([d["drop"], f"{name} ({payload['variants'][name]})",
-                         f"{r['step_ms']:.1f} ({r['prepare_ms']:.0f}/{r['forward_ms']:.0f}/"
-                         f"{r['backward_ms']:.0f}/{r['optimizer_ms']:.0f})",
-                         r["samples_per_s"], r["tokens_per_s"], r["tflops"],
-                         f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else None,
+            rows.append([d["drop"], f"{name} ({payload['variants'][name]})", split_ms(r),
+                         r["samples_per_s"], r["tokens_per_s"], r["tflops"], mfu(r),
                          r["peak_mem_gib"], r["step_mem_gib"]])
         c = d["ratio"]
         rat.append([d["drop"], c["fused_tokens_per_s"], c["unfused_tokens_per_s"], f"{c['speedup']:.2f}x",
@@ -464,6 +507,83 @@ def table(payload):
                             "per-pair speedup median (min-max)"], rat),
             markdown_table(["drop", "loader steps", "step ms", "wait ms", "longest wait ms", "loader share",
                             "samples/s end to end", "samples/s compute only"], lrows))
+
+
+def split_ms(r):
+    return (f"{r['step_ms']:.1f} ({r['prepare_ms']:.0f}/{r['forward_ms']:.0f}/"
+            f"{r['backward_ms']:.0f}/{r['optimizer_ms']:.0f})")
+
+
+def mfu(r):
+    return f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else None
+
+
+def on_off(m):
+    return "on" if m else "off"
+
+
+def first_step_table(payload):
+    """Each engine's first step (compile, autotune, DeepSpeed's lazy set-up) against its
+    steady-state median step in the first row it was timed in."""
+    steady = {}
+    for d in payload["results"]:
+        for name in ("fused", "unfused"):
+            steady.setdefault(name, d[name]["step_ms_median"])
+    ext = payload.get("extras") or {}
+    base_motion = payload["model_shape"]["motion"]
+    for row in ext.get("rows", []):
+        for name in ("fused", "unfused"):
+            label = name if row["motion"] == base_motion else f"{name}, motion {on_off(row['motion'])}"
+            steady.setdefault(label, row[name]["step_ms_median"])
+    rows = []
+    for label, s in payload["first_step"].items():
+        st = steady.get(label)
+        rows.append([label, s["step_s"], f"{s['prepare_s']:.2f}/{s['forward_s']:.2f}/{s['backward_s']:.2f}/"
+                     f"{s['optimizer_s']:.2f}", st, f"{1e3 * s['step_s'] / st:.1f}x" if st else None])
+    return markdown_table(["engine", "first step s", "prep/fwd/bwd/opt s", "steady step ms (median)",
+                           "first / steady"], rows)
+
+
+def extras_tables(payload):
+    ext = payload["extras"]
+    mem = "peak alloc GiB" if payload["device"] == "cuda" else "peak RSS GiB"
+    rows, rat = [], []
+    for d in ext["rows"]:
+        for name in ("fused", "unfused"):
+            r = d[name]
+            rows.append([f"{d['reverse']:g}", on_off(d["motion"]), f"{name} ({payload['variants'][name]})",
+                         split_ms(r), r["samples_per_s"], r["tokens_per_s"], r["tflops"], mfu(r),
+                         r["peak_mem_gib"], r["step_mem_gib"]])
+        f, u = d["vs_base"]["fused"], d["vs_base"]["unfused"]
+        rat.append([f"{d['reverse']:g}", on_off(d["motion"]), d["reversed_clips_per_step"],
+                    d["video_tokens_encoded_per_step"], d["train_flops_per_step"] / 1e9,
+                    f"{f['throughput']:.2f}x", f"{f['pair_median']:.2f}x ({f['pair_min']:.2f}-{f['pair_max']:.2f})",
+                    f"{u['throughput']:.2f}x", f"{d['ratio']['speedup']:.2f}x"])
+    return (markdown_table(["reversed", "motion", "variant (attn/embed)", "step ms (prep/fwd/bwd/opt)",
+                            "samples/s", "tokens/s", "TFLOP/s", "MFU", mem, "step +GiB"], rows),
+            markdown_table(["reversed", "motion", "clips reversed / step", "video tokens encoded / step",
+                            "train GFLOP / step", "fused samples/s vs base", "per-pair (min-max)",
+                            "unfused samples/s vs base", "fused/unfused speedup"], rat))
+
+
+def tables(payload):
+    """The markdown blocks of the report, each with its heading, for what has been measured."""
+    out = []
+    if payload["results"]:
+        t1, t2, t3 = main_tables(payload)
+        out += ["## Per drop ratio\n\n" + t1, t2, "## The loader's share\n\n" + t3]
+    ext = payload.get("extras")
+    if ext and ext["rows"]:
+        base = ext["base"]
+        t1, t2 = extras_tables(payload)
+        out += [f"## The extras at drop {ext['drop']}: reversed negatives and the motion channel\n\n"
+                f"Base: reverse {base['reverse']:g}, motion {on_off(base['motion'])}; every setting and "
+                f"both variants took each batch in turn with the same seeds ({ext['rounds']} timed "
+                f"rounds).\n\n" + t1, t2]
+    if payload["first_step"]:
+        out.append("## First step of each engine (compile, autotune and set-up included)\n\n"
+                   + first_step_table(payload))
+    return out
 
 
 def plot(payload, path):
@@ -508,11 +628,25 @@ def plot(payload, path):
     return path
 
 
+def replace_file(path, write, *a):
+    """`write(tmp, *a)` then rename over `path`: a run killed mid-write leaves the previous file."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        write(tmp, *a)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
 def write_outputs(payload, out):
+    """bench_train.json and .md from what has been measured so far ("partial": true until the
+    end), the PNG at the end."""
     out = Path(out)
-    path = write_json(out / "bench_train.json", payload)
-    if payload["results"]:
-        t1, t2, t3 = table(payload)
+    out.mkdir(parents=True, exist_ok=True)
+    path = replace_file(out / "bench_train.json", write_json, payload)
+    blocks = tables(payload)
+    if blocks:
         cfg = payload["config"]
         notes = [f"the trainer's set-up and step (hvfm.build, hvfm.train.train_step): DeepSpeed "
                  f"{payload['zero']}, {payload['precision']} ({payload['precision_why']}); "
@@ -528,9 +662,21 @@ def write_outputs(payload, out):
                  "of a few ms is taking a ready batch from the queue (the copy between processes)",
                  f"MFU against {payload['peak_tflops']:.3g} TFLOP/s ({payload['peak_source']})"
                  if payload["peak_tflops"] else "MFU: no peak known for this device (--peak-tflops)"]
+        if payload.get("extras"):
+            notes.append("extras: vs base = the setting's samples/s / the base setting's (same "
+                         "batches); per-pair = median (min-max) of base step time / step time; "
+                         "clips reversed = --reverse-negatives x batch, rounded up; video tokens "
+                         "encoded = what the video tower ran (main pass + reversed clips), counted "
+                         "by a hook on it; all engines of the extras are resident, so compare step +GiB")
+        notes.append("first step: each engine's first optimizer step, untimed in the rows (a "
+                     "warm-up step): on a GPU the Triton compile and autotune (unless cached) and "
+                     "DeepSpeed's lazy set-up")
         notes += payload["notes"]
-        write_markdown(out / "bench_train.md", "bench_train: the trainer's step, fused vs unfused, "
-                       "and the loader's share", payload["machine"], t1 + "\n\n" + t2 + "\n\n" + t3, notes)
+        title = "bench_train: the trainer's step, fused vs unfused, and the loader's share"
+        if not payload["complete"]:
+            title += f" (PARTIAL: cut short or still running; {payload['progress']})"
+        replace_file(out / "bench_train.md", write_markdown, title, payload["machine"],
+                     "\n\n".join(blocks), notes)
         if payload.get("complete"):
             png = plot(payload, out / "bench_train.png")
             if png:
@@ -550,7 +696,19 @@ def parse_args(argv=None):
                                               "(replaces train.py's --drop-ratio)")
     ap.add_argument("--steps", type=int, help="timed steps per variant per drop ratio (and counted "
                                               "steps of the loader phase)")
-    ap.add_argument("--warmup", type=int, help="untimed steps per variant per drop ratio")
+    ap.add_argument("--warmup", type=int, help="untimed steps per variant per drop ratio (at least 1: "
+                                               "the first step compiles; it is reported apart)")
+    x = ap.add_argument_group("the extras (rows after the drop ratios, at one drop ratio)")
+    x.add_argument("--reverse", type=float, nargs="+", default=[1.0, 0.5, 0.0], metavar="F",
+                   help="fractions of reversed-clip negatives (train.py's --reverse-negatives); "
+                        "the first is the base (default 1 0.5 0)")
+    x.add_argument("--motion", nargs="+", choices=("on", "off"), default=["on", "off"],
+                   help="the motion channel (train.py's --[no-]motion-channel); the first is the "
+                        "base (default on off)")
+    x.add_argument("--extras-drop", default="0.5", help="the drop ratio of the extras rows (default 0.5)")
+    x.add_argument("--grid", action="store_true", help="every (reverse, motion) combination, not "
+                                                       "only one changed from the base at a time")
+    x.add_argument("--no-extras", action="store_true", help="no extras rows")
     ap.add_argument("--fused", help="attn/patch_embed of the fused path "
                                     "(default triton/triton on CUDA, torch-varlen/gather on CPU)")
     ap.add_argument("--unfused", default="sdpa/conv", help="attn/patch_embed of the baseline")
@@ -585,8 +743,26 @@ def main(argv=None):
             remove_shm_buffer()
 
 
+def check_options(args):
+    """The bench's own options, before anything is built: one line naming the flag."""
+    from hvfm.model import parse_drop_ratio
+    for flag, values in (("--drop", args.drop), ("--extras-drop", [args.extras_drop])):
+        for v in values:
+            try:
+                parse_drop_ratio(v)
+            except ValueError as e:
+                raise BenchError(f"{flag} {v}: {e}") from None
+    for r in args.reverse:
+        if not 0.0 <= r <= 1.0:
+            raise BenchError(f"--reverse {r:g}: give fractions of the batch in [0, 1]")
+    if args.warmup < 1 or args.steps < 1:
+        raise BenchError(f"--warmup {args.warmup} --steps {args.steps}: give at least 1 of each "
+                         f"(the first step compiles and is reported apart from the timed ones)")
+
+
 def bench(args, targv):
     import importlib.util
+    check_options(args)
     if importlib.util.find_spec("deepspeed") is None:
         raise BenchError("bench_train drives the trainer, which needs deepspeed: pip install deepspeed "
                          "(on a machine without the registry, carry its wheels: profiling/README.md)")
@@ -613,19 +789,36 @@ def bench(args, targv):
             shutil.rmtree(scratch, ignore_errors=True)
 
 
+def extras_settings(args):
+    """The (reverse fraction, motion on) of the extras rows: the first value of --reverse and of
+    --motion is the base, and each other value varies one of the two from it (--grid: every
+    combination). None with --no-extras."""
+    if args.no_extras:
+        return []
+    motion = [m == "on" for m in args.motion]
+    if args.grid:
+        pairs = [(r, m) for m in motion for r in args.reverse]
+    else:
+        pairs = [(r, motion[0]) for r in args.reverse] + [(args.reverse[0], m) for m in motion]
+    return list(dict.fromkeys(pairs))  # in order, each once
+
+
+def motion_params(model):
+    w = model.video.embeddings.motion_weight
+    return 0 if w is None else w.numel()
+
+
 def measure(args, setup, info, device_name, notes, load):
-    from hvfm.build import build_engine
     from hvfm.config import is_builtin
     targs, precision = setup.args, setup.precision
-    models = {"fused": setup.model, "unfused": copy.deepcopy(setup.model)}
-    for name, spec in (("fused", args.fused), ("unfused", args.unfused)):
-        variant(models[name], spec)
+    settings = extras_settings(args)
+    # the LR schedule's length: the most steps one engine takes
+    total_steps = (len(args.drop) * (args.warmup + 2 * args.steps + loader_skip(targs))
+                   + len(settings) * (args.warmup + args.steps))
+    base_motion = bool(targs.motion_channel)
     shape = ModelShape.of(setup.model)
     n_params = sum(p.numel() for p in setup.model.parameters())
-    total_steps = len(args.drop) * (args.warmup + 2 * args.steps + loader_skip(targs))
-    engines = {}
-    for name, m in models.items():
-        engines[name], _, _, dtype, host_check = build_engine(m, setup.cfg, precision, targs, total_steps)
+    engines, dtype, host_check = engine_pair(args, setup, setup.model, total_steps)
     zero = f"ZeRO-{engines['fused'].zero_optimization_stage()}"
     if args.peak_tflops:
         peak, source = args.peak_tflops, "--peak-tflops"
@@ -635,8 +828,8 @@ def measure(args, setup, info, device_name, notes, load):
     else:
         peak = cpu_peak_tflops(dtype)
         source = f"measured {precision} 1024^3 matmul on this CPU"
+    pair_params = {base_motion: (n_params, motion_params(setup.model))}
     setup.model = None
-    del models
     data = ("the built-in corpus" if is_builtin(targs) else
             targs.train_shards or targs.train_csv or targs.train_json)
     what = targs.clip or f"--model {targs.model} (random weights)"
@@ -653,7 +846,10 @@ def measure(args, setup, info, device_name, notes, load):
 
     config = dict(preset=targs.clip or targs.model, frames=targs.frames, size=setup.size,
                   batch=setup.micro, drop=args.drop, steps=args.steps, warmup=args.warmup,
-                  fused=args.fused, unfused=args.unfused, trainer_flags=vars(targs))
+                  fused=args.fused, unfused=args.unfused,
+                  extras=dict(drop=args.extras_drop, reverse=args.reverse, motion=args.motion,
+                              grid=args.grid) if settings else None,
+                  trainer_flags=vars(targs))
     payload = {"benchmark": "bench_train", "machine": info, "config": config,
                "device": "cuda" if CUDA else "cpu", "device_name": device_name,
                "engine": "deepspeed", "zero": zero, "precision": precision,
@@ -661,22 +857,32 @@ def measure(args, setup, info, device_name, notes, load):
                "data": data, "workers": targs.workers, "loader_skip": loader_skip(targs),
                "parameters": n_params, "model_shape": asdict(shape),
                "variants": {"fused": args.fused, "unfused": args.unfused},
-               "peak_tflops": peak, "peak_source": source, "notes": notes, "complete": False,
-               "threads": torch.get_num_threads(), "load_average_start": load, "results": []}
+               "peak_tflops": peak, "peak_source": source, "notes": notes,
+               "complete": False, "partial": True, "progress": "set up",
+               "threads": torch.get_num_threads(), "load_average_start": load,
+               "first_step": {}, "results": [], "extras": None}
+    first = payload["first_step"]
+
+    def step(label, engine, batch, drop, seeds, shp=shape, reverse=None):
+        s = one_step(engine, batch, setup, drop, seeds, shp, dtype, host_check, reverse)
+        if label not in first:  # the engine's first step: compile, autotune, lazy set-up
+            first[label] = s
+            print(f"first step of {label}: {s['step_s']:.2f} s", flush=True)
+            write_outputs(payload, args.out)
+        return s
+
     batches = endless(setup.loader)
     for di, drop in enumerate(args.drop):
         seeds = lambda i: np.random.SeedSequence([targs.seed, di, i])  # noqa: E731 - same per pair
-        steps = {"fused": [], "unfused": []}
-        step = lambda name, batch, i: one_step(engines[name], batch, setup, drop, seeds(i), shape,  # noqa: E731
-                                               dtype, host_check)
+        steps, warm = {"fused": [], "unfused": []}, {"fused": [], "unfused": []}
         for w in range(args.warmup):
             batch = next(batches)
             for name in engines:
-                step(name, batch, 10_000 + w)
+                warm[name].append(step(name, engines[name], batch, drop, seeds(10_000 + w)))
         for i in range(args.steps):  # fused, unfused, fused, unfused, ... same batch and seeds per pair
             batch = next(batches)
             for name in engines:
-                steps[name].append(step(name, batch, i))
+                steps[name].append(step(name, engines[name], batch, drop, seeds(i)))
         res = {name: summarise(s, peak) for name, s in steps.items()}
         ratio = compare(steps["fused"], steps["unfused"], res["fused"], res["unfused"])
         # the loader phase: the fused engine alone takes its batches from the loader, as training
@@ -685,30 +891,112 @@ def measure(args, setup, info, device_name, notes, load):
             t = time.perf_counter()
             batch = next(batches)
             wait = time.perf_counter() - t
-            s = step("fused", batch, 20_000 + i)
+            s = step("fused", engines["fused"], batch, drop, seeds(20_000 + i))
             s["wait_s"] = wait
             loader_steps.append(s)
         counted = loader_steps[loader_skip(targs):]
         payload["results"].append({"drop": drop, **res, "ratio": ratio, "loader": loader_share(counted),
-                                   "step_log": steps, "loader_log": loader_steps})
+                                   "step_log": steps, "warmup_log": warm, "loader_log": loader_steps})
         ld = payload["results"][-1]["loader"]
         print(f"drop {drop}: fused {res['fused']['tokens_per_s']:.0f} tokens/s "
               f"({res['fused']['step_ms']:.0f} ms/step), unfused {res['unfused']['tokens_per_s']:.0f} "
               f"({res['unfused']['step_ms']:.0f} ms/step): {ratio['speedup']:.2f}x; loader share "
               f"{100 * ld['share']:.1f}% ({ld['wait_ms']:.0f} ms waiting per {ld['step_ms']:.0f} ms step)",
               flush=True)
+        payload["progress"] = f"drop ratios: {di + 1} of {len(args.drop)}"
         write_outputs(payload, args.out)
         gc.collect()
+
+    if settings:
+        # the extras: every (reverse, motion) setting and both variants take each batch in turn,
+        # with the same seeds (the same kept patches), so their ratios hold on a noisy machine
+        drop = args.extras_drop
+        pairs = {base_motion: (engines, shape)}
+        for m in dict.fromkeys(m for _, m in settings):
+            if m not in pairs:
+                model = setup_model(setup, m)
+                pair_params[m] = (sum(p.numel() for p in model.parameters()), motion_params(model))
+                pairs[m] = (engine_pair(args, setup, model, total_steps)[0], ModelShape.of(model))
+                del model
+        ext = payload["extras"] = dict(drop=drop, base=dict(reverse=settings[0][0], motion=settings[0][1]),
+                                       grid=args.grid, rounds=0, rows=[])
+        logs = {k: {"fused": [], "unfused": []} for k in settings}
+        warm = {k: {"fused": [], "unfused": []} for k in settings}
+        seeds = lambda i: np.random.SeedSequence([targs.seed, len(args.drop), i])  # noqa: E731
+        label = lambda name, m: name if m == base_motion else f"{name}, motion {'on' if m else 'off'}"  # noqa: E731
+        for i in range(args.warmup + args.steps):
+            batch = next(batches)
+            timed = i >= args.warmup
+            for r, m in settings:
+                eng, shp = pairs[m]
+                for name in ("fused", "unfused"):
+                    s = step(label(name, m), eng[name], batch, drop, seeds(i), shp, r)
+                    (logs if timed else warm)[(r, m)][name].append(s)
+            if timed:
+                ext["rounds"] = i - args.warmup + 1
+                ext["rows"] = extras_rows(settings, logs, warm, peak, pair_params)
+                payload["progress"] = f"extras: {ext['rounds']} of {args.steps} rounds"
+                write_outputs(payload, args.out)
+        for row in ext["rows"]:
+            v = row["vs_base"]["fused"]
+            print(f"drop {drop}, reverse {row['reverse']:g}, motion {'on' if row['motion'] else 'off'}: "
+                  f"fused {row['fused']['samples_per_s']:.3g} samples/s ({v['throughput']:.2f}x the base), "
+                  f"unfused {row['unfused']['samples_per_s']:.3g} ({row['vs_base']['unfused']['throughput']:.2f}x); "
+                  f"fused/unfused {row['ratio']['speedup']:.2f}x", flush=True)
     if CUDA:
         used = nvml_used_bytes(torch.cuda.current_device())
         payload["device_memory_used_gib"] = used / GIB if used is not None else None
         payload["max_memory_reserved_gib"] = torch.cuda.max_memory_reserved() / GIB
     payload["load_average_end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-    payload["complete"] = True
+    payload["complete"], payload["partial"], payload["progress"] = True, False, "complete"
     path = write_outputs(payload, args.out)
-    print("\n\n".join(table(payload)))
+    print("\n\n".join(tables(payload)))
     print(f"wrote {path}")
     return payload
+
+
+def engine_pair(args, setup, model, total_steps):
+    """({"fused": engine, "unfused": engine}, the step's dtype, host_check): `model` and a copy with
+    identical weights, each with its attention backend / patch embedding, each its DeepSpeed
+    engine as the trainer builds it."""
+    from hvfm.build import build_engine
+    models = {"fused": model, "unfused": copy.deepcopy(model)}
+    engines = {}
+    for name, spec in (("fused", args.fused), ("unfused", args.unfused)):
+        variant(models[name], spec)
+        engines[name], _, _, dtype, host_check = build_engine(models[name], setup.cfg, setup.precision,
+                                                              setup.args, total_steps)
+    return engines, dtype, host_check
+
+
+def versus(steps, base):
+    """Throughput of `steps` against `base` (the same batches and seeds, in the same rounds)."""
+    pairs = [b["step_s"] / s["step_s"] for s, b in zip(steps, base)]
+    rate = lambda ss: sum(x["samples"] for x in ss) / sum(x["step_s"] for x in ss)  # noqa: E731
+    return dict(throughput=rate(steps) / rate(base), pair_median=statistics.median(pairs),
+                pair_min=min(pairs), pair_max=max(pairs))
+
+
+def extras_rows(settings, logs, warm, peak, params):
+    """One row per (reverse, motion) setting: both variants summarised, fused/unfused, and each
+    variant's throughput against the base setting's (the first)."""
+    base = logs[settings[0]]
+    rows = []
+    for r, m in settings:
+        lg = logs[(r, m)]
+        res = {name: summarise(s, peak) for name, s in lg.items()}
+        mean = lambda k: statistics.fmean(s[k] for s in lg["fused"])  # noqa: E731
+        rows.append(dict(reverse=r, motion=m, **res,
+                         ratio=compare(lg["fused"], lg["unfused"], res["fused"], res["unfused"]),
+                         vs_base={name: versus(lg[name], base[name]) for name in lg},
+                         reversed_clips_per_step=mean("reversed_clips"),
+                         video_tokens_encoded_per_step=(mean("video_tokens_encoded")
+                                                        if lg["fused"][0]["video_tokens_encoded"] is not None
+                                                        else None),
+                         train_flops_per_step=mean("flops"),
+                         parameters=params[m][0], motion_parameters=params[m][1],
+                         step_log=lg, warmup_log=warm[(r, m)]))
+    return rows
 
 
 def loader_skip(targs):
@@ -716,5 +1004,17 @@ def loader_skip(targs):
     return targs.workers * PREFETCH
 
 
+def stop_on_sigterm():
+    """`timeout` (gpu_check.sh's stage budgets) sends SIGTERM: end as on Ctrl-C, so the temporary
+    run folder and the process group are cleaned up; the files written so far stay, partial."""
+    import signal
+
+    def stop(signum, frame):
+        print("bench_train: stopped by SIGTERM; the results written so far are partial", file=sys.stderr)
+        sys.exit(128 + signum)
+    signal.signal(signal.SIGTERM, stop)
+
+
 if __name__ == "__main__":
+    stop_on_sigterm()
     main()

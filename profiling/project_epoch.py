@@ -106,6 +106,9 @@ def main(argv=None):
     train_file = Path(args.train_json or res / "bench_train.json")
     train = json.loads(train_file.read_text())
     notes = []
+    if train.get("partial"):
+        notes.append(f"{train_file.name} is partial ({train.get('progress')}): the drop ratios "
+                     f"bench_train had measured when it was cut short")
     if args.decode_rate:
         per_worker, source, data = args.decode_rate, "--decode-rate", None
     else:

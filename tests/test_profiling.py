@@ -48,7 +48,8 @@ def corpus(tmp_path_factory):
 @pytest.fixture(scope="module")
 def train_json(tmp_path_factory, corpus):
     out = tmp_path_factory.mktemp("bench_train")
-    # bench options, then train.py's own flags: the trainer's set-up, loader and step
+    # bench options, then train.py's own flags: the trainer's set-up, loader and step; the extras
+    # rows at their defaults (reverse 1 0.5 0, motion on off, at drop 0.5)
     run("bench_train.py", "--cpu-defaults", "--drop", "0.5", "0.1:0.5", "--steps", 2, "--warmup", 1,
         "--threads", 1, "--out", out,
         "--frames", 2, "--size", 32, "--batch-size", 3, "--precision", "fp32", "--workers", 1,
@@ -59,6 +60,7 @@ def train_json(tmp_path_factory, corpus):
 def test_bench_train_json_rates_and_ratios(train_json):
     d = json.loads(train_json.read_text())
     assert d["benchmark"] == "bench_train" and d["complete"] and d["engine"] == "deepspeed"
+    assert not d["partial"] and d["progress"] == "complete"
     assert d["zero"] == "ZeRO-2" and d["precision"] == "fp32" and d["workers"] == 1
     assert d["machine"]["versions"]["torch"] and "commit" in d["machine"]
     assert (d["config"]["frames"], d["config"]["size"], d["config"]["batch"]) == (2, 32, 3)
@@ -92,7 +94,116 @@ def test_bench_train_json_rates_and_ratios(train_json):
         assert ld["samples_per_s"] == pytest.approx(6 / (wait + step))
     md = (train_json.parent / "bench_train.md").read_text()
     assert "speedup" in md and "torch-varlen/gather" in md and "loader share" in md
+    assert "PARTIAL" not in md and not list(train_json.parent.glob("*.tmp"))
     assert (train_json.parent / "bench_train.png").exists() == HAVE_MPL
+
+
+def test_bench_train_extras_reach_the_model(train_json):
+    """The extras rows: each (reverse, motion) setting really ran in the model (the tokens its
+    video tower encoded, the motion parameters), all on the same batches, with the same rates."""
+    d = json.loads(train_json.read_text())
+    ext = d["extras"]
+    assert ext["drop"] == "0.5" and ext["base"] == {"reverse": 1.0, "motion": True} and ext["rounds"] == 2
+    rows = {(r["reverse"], r["motion"]): r for r in ext["rows"]}
+    assert list(rows) == [(1.0, True), (0.5, True), (0.0, True), (1.0, False)]
+    for (rev, motion), r in rows.items():
+        for name in ("fused", "unfused"):
+            v, steps = r[name], r["step_log"][name]
+            assert v["steps"] == len(steps) == 2 and len(r["warmup_log"][name]) == 1
+            for k in ("step_ms", "forward_ms", "backward_ms", "samples_per_s", "tokens_per_s", "tflops",
+                      "mfu", "peak_mem_gib"):
+                assert positive(v[k]), (rev, motion, name, k, v[k])
+            assert v["samples_per_s"] == pytest.approx(sum(s["samples"] for s in steps) /
+                                                       sum(s["step_s"] for s in steps))
+            base = rows[(1.0, True)]["step_log"][name]
+            assert r["vs_base"][name]["throughput"] == pytest.approx(
+                sum(s["step_s"] for s in base) / sum(s["step_s"] for s in steps))  # 3 samples each
+            for s in steps:
+                assert s["reverse"] == rev and s["reversed_clips"] == math.ceil(rev * 3 - 1e-9)
+        assert r["ratio"]["speedup"] == pytest.approx(r["fused"]["tokens_per_s"] / r["unfused"]["tokens_per_s"])
+        # the motion parameters exist only with the channel on (2 per video width)
+        assert r["motion_parameters"] == (2 * d["model_shape"]["v_width"] if motion else 0)
+        assert r["parameters"] == d["parameters"] - (0 if motion else 2 * d["model_shape"]["v_width"])
+    assert rows[(1.0, True)]["vs_base"]["fused"]["throughput"] == 1.0
+    # per round: every setting and variant took the same batch and seeds (the same kept tokens);
+    # the video tower encoded the reversed clips again: all of them, 2 of 3, none
+    for i in range(2):
+        step = {k: r["step_log"]["fused"][i] for k, r in rows.items()}
+        assert len({(s["video_tokens"], s["text_tokens"]) for s in step.values()}) == 1
+        assert {r["step_log"]["unfused"][i]["tokens"] for r in rows.values()} == {step[(1.0, True)]["tokens"]}
+        kept = step[(1.0, True)]["video_tokens"]
+        assert step[(1.0, True)]["video_tokens_encoded"] == step[(1.0, False)]["video_tokens_encoded"] == 2 * kept
+        assert kept < step[(0.5, True)]["video_tokens_encoded"] < 2 * kept
+        assert step[(0.0, True)]["video_tokens_encoded"] == kept
+        # ... and the FLOP count follows: more reversed clips, more work; the motion map's share
+        assert step[(1.0, True)]["flops"] > step[(0.5, True)]["flops"] > step[(0.0, True)]["flops"]
+        assert step[(1.0, True)]["flops"] > step[(1.0, False)]["flops"]
+    # each engine's first step (a warm-up step) apart: the two of the run's model, two motion off
+    first = d["first_step"]
+    assert list(first) == ["fused", "unfused", "fused, motion off", "unfused, motion off"]
+    assert first["fused"] == d["results"][0]["warmup_log"]["fused"][0]
+    assert first["fused, motion off"] == rows[(1.0, False)]["warmup_log"]["fused"][0]
+    assert all(positive(s["step_s"]) for s in first.values())
+    md = (train_json.parent / "bench_train.md").read_text()
+    assert "The extras at drop 0.5" in md and "fused samples/s vs base" in md
+    assert "First step of each engine" in md and "unfused, motion off" in md
+
+
+def test_bench_train_cut_short_keeps_partial_results(tmp_path, corpus):
+    """A run stopped by SIGTERM (gpu_check's `timeout`) after its first drop ratio and a round of
+    the extras leaves valid JSON and markdown, marked partial, and no temporary run folder."""
+    import signal
+    import time
+    tmp, out = tmp_path / "tmp", tmp_path / "out"
+    tmp.mkdir()
+    argv = ["--cpu-defaults", "--drop", "0.5", "--steps", 4, "--warmup", 1, "--threads", 1,
+            "--reverse", 1, 0, "--motion", "on", "--out", out, "--frames", 2, "--size", 32,
+            "--batch-size", 3, "--precision", "fp32", "--workers", 1,
+            "--train-csv", corpus.train_csv, "--video-root", corpus.train_root]
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "profiling" / "bench_train.py"), *map(str, argv)],
+        cwd=ROOT, env={**env(), "TMPDIR": str(tmp)}, stdout=subprocess.DEVNULL,
+        stderr=(tmp_path / "stderr.log").open("w"))
+    path, seen = out / "bench_train.json", []
+    try:
+        deadline = time.monotonic() + 240
+        while proc.poll() is None and time.monotonic() < deadline:
+            if path.exists():  # replaced atomically: every read is a whole file
+                d = json.loads(path.read_text())
+                seen.append((len(d["results"]), d["partial"]))
+                if (d["extras"] or {}).get("rounds", 0) >= 1:
+                    proc.send_signal(signal.SIGTERM)
+                    break
+            time.sleep(0.02)
+        proc.wait(timeout=120)
+    finally:
+        proc.kill()
+    err = (tmp_path / "stderr.log").read_text()
+    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+    assert seen[0] == (0, True)  # written at the first step already
+    d = json.loads(path.read_text())
+    assert d["partial"] and not d["complete"] and d["progress"].startswith("extras:")
+    assert [r["drop"] for r in d["results"]] == ["0.5"] and d["results"][0]["fused"]["steps"] == 4
+    rounds = d["extras"]["rounds"]
+    assert 1 <= rounds < 4
+    for r in d["extras"]["rows"]:
+        assert r["fused"]["steps"] == r["unfused"]["steps"] == rounds and positive(r["fused"]["tokens_per_s"])
+    md = (out / "bench_train.md").read_text()
+    assert "PARTIAL" in md and "The extras at drop 0.5" in md
+    assert not list(out.glob("*.tmp")) and not (out / "bench_train.png").exists()
+    assert list(tmp.glob("hvfm-bench-train-*")) == []  # cleaned up on SIGTERM
+
+
+def test_bench_train_extras_settings_and_bad_options():
+    B = bench_train
+    settings = lambda *a: B.extras_settings(B.parse_args(list(a))[0])  # noqa: E731
+    assert settings() == [(1.0, True), (0.5, True), (0.0, True), (1.0, False)]
+    assert settings("--reverse", "0", "1", "--motion", "off") == [(0.0, False), (1.0, False)]
+    assert len(settings("--grid")) == 6 and settings("--no-extras") == []
+    for argv, msg in ((["--reverse", "1", "1.5"], "--reverse 1.5: "), (["--extras-drop", "1"], "--extras-drop 1: "),
+                      (["--drop", "0.5", "x"], "--drop x: "), (["--warmup", "0"], "--warmup 0 ")):
+        with pytest.raises(B.BenchError, match="^" + msg.replace("+", r"\+")):
+            B.check_options(B.parse_args(argv)[0])
 
 
 def test_bench_train_bad_trainer_flag_is_one_line(tmp_path):
