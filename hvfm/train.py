@@ -245,7 +245,10 @@ def train(args, label=None):
             # the --log-every steps (one small broadcast there, no extra host read).
             values = None
             if sync and world > 1:
-                values = torch.cat([last, last.new_tensor(clock(now))])
+                flags = torch.tensor(clock(now))
+                if last.is_cuda:  # no wait for the queued step before the broadcast's own
+                    flags = flags.pin_memory().to(last.device, non_blocking=True)
+                values = torch.cat([last, flags.to(last.device)])
                 dist.broadcast(values, src=0)
                 values = values.tolist()  # the one read of the losses (rank 0's on every rank)
                 save_due, late = values[len(LOSSES):]
