@@ -2,15 +2,64 @@
 video-language model inflated from a CLIP folder, the training loader, the DeepSpeed engine."""
 from __future__ import annotations
 
+import os
+
 from hvfm.config import ConfigError
 from hvfm.data.text import load_tokenizer
+
+
+def cached_snapshot(hub_id):
+    """The folder of `hub_id` in this machine's Hugging Face cache (HF_HOME / HF_HUB_CACHE),
+    found without the network; ValueError when it is not there."""
+    from huggingface_hub import snapshot_download
+    try:
+        return snapshot_download(hub_id, local_files_only=True)
+    except Exception as e:  # noqa: BLE001 - not cached (LocalEntryNotFoundError, ...): one line
+        raise ValueError(f"{type(e).__name__}: {' '.join(str(e).split())[:160]}") from None
+
+
+def resolve_clip(name, local_rank, fetch=None, locate=cached_snapshot, load=None, gather=None):
+    """`(CLIPModel, tokenizer)` of --clip, resolved once per node. A folder loads on every rank.
+    A hub ID is fetched by local rank 0 alone (`fetch`, by default `load_clip`: transformers
+    downloads what it needs into the Hugging Face cache); the ranks meet (`gather`, an
+    all_gather that is also the barrier); then the other ranks `load` the folder `locate` finds
+    in the cache, without the network. A fetch that fails on any node is the same one-line
+    ConfigError on every rank, raised together (collective)."""
+    from hvfm.distributed import all_gather
+    from hvfm.model import load_clip
+    from hvfm.model.clip import looks_like_hub_id
+    fetch, load, gather = fetch or load_clip, load or load_clip, gather or all_gather
+    if not looks_like_hub_id(name):
+        try:
+            return load(name)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+    fetched, error = None, None
+    if local_rank == 0:
+        try:
+            fetched = fetch(name)
+        except ValueError as e:
+            error = str(e)
+    errors = [e for e in gather(error) if e]
+    if errors:
+        e = ConfigError(errors[0])
+        e.collective = True  # every rank raises it here: one line, every rank exits together
+        raise e
+    if fetched is not None:
+        return fetched
+    try:
+        return load(locate(name))
+    except ValueError as e:
+        raise ConfigError(f"--clip {name}: local rank 0 of this node fetched it, but this rank does not "
+                          f"find it in its Hugging Face cache ({e}); give every rank the same HF_HOME "
+                          f"(multi-node: a .deepspeed_env, see ds_configs/README.md)") from None
 
 
 def build_model(args, tok_dir, out_dir, attn, rank):
     """The video-language model inflated from a CLIP folder (--clip, or the preset saved with
     random weights to OUTPUT_DIR/init_clip first: one loading path)."""
     import torch.distributed as dist
-    from hvfm.model import VideoLanguageModel, add_mask_token, load_clip, save_random_clip
+    from hvfm.model import VideoLanguageModel, add_mask_token, save_random_clip
 
     clip_dir = args.clip
     if clip_dir is None:
@@ -18,10 +67,7 @@ def build_model(args, tok_dir, out_dir, attn, rank):
         if rank == 0 and not (clip_dir / "config.json").exists():
             save_random_clip(args.model, load_tokenizer(tok_dir), str(clip_dir), seed=args.seed)
         dist.barrier()
-    try:
-        clip, tokenizer = load_clip(str(clip_dir))
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
+    clip, tokenizer = resolve_clip(str(clip_dir), int(os.environ.get("LOCAL_RANK", 0)))
     if tok_dir is not None and args.clip is not None:
         tokenizer = load_tokenizer(tok_dir)
     add_mask_token(clip, tokenizer)

@@ -18,6 +18,7 @@ from pathlib import Path
 BUILTIN = {"epochs": 2, "max_minutes": 10.0}
 TEMPORAL_LR_MULT, FRESH_LR_MULT, VTM_HARDNESS = 100.0, 10.0, 0.0
 IMAGE_CROP = (0.9, 1.0)  # stills: their captions name places, which a large crop would move
+SAVE_EVERY_MINUTES = 30.0  # on your data: a multi-day run loses at most this much to a crash
 BUILTIN_IMAGE = {"max_steps": 1200, "lr": 5e-4, "batch_size": 64, "max_minutes": 8.0,
                  "drop_ratio": "0.5"}
 ATTN_CHOICES = ("auto", "sdpa", "torch-varlen", "triton", "flash_attn", "xformers")
@@ -79,7 +80,8 @@ def parse_args(argv=None):
     from hvfm.data.dataset import default_workers
     d.add_argument("--workers", type=int, default=default_workers(),
                    help="loader worker processes per rank (default: %(default)s here: min(8, cores "
-                        "per local rank - 1), at least 1)")
+                        "per local rank - 1), at least 1; local ranks: LOCAL_SIZE, set by the "
+                        "deepspeed launcher, or LOCAL_WORLD_SIZE, set by torchrun)")
     d.add_argument("--batch-size", type=int, default=None,
                    help="clips (or images) per device and micro-step (default: the DeepSpeed "
                         f"config's; {BUILTIN_IMAGE['batch_size']} in the image stage on the built-in stills)")
@@ -121,13 +123,22 @@ def parse_args(argv=None):
                         f"(default: {BUILTIN_IMAGE['max_steps']}; each value is cached on its own)")
     o.add_argument("--max-minutes", type=float, default=None,
                    help=f"stop training after this long (default: {BUILTIN['max_minutes']:g} on the "
-                        f"built-in clips, {BUILTIN_IMAGE['max_minutes']:g} on the built-in stills)")
+                        f"built-in clips, {BUILTIN_IMAGE['max_minutes']:g} on the built-in stills, no "
+                        f"limit on your data); on several ranks rank 0's clock decides, read every "
+                        f"--log-every steps")
     o.add_argument("--lr", type=float, default=None,
                    help=f"peak LR (default: the config's; {BUILTIN_IMAGE['lr']} for the image stage "
                         f"on the built-in stills, a model trained from random weights)")
     o.add_argument("--warmup-steps", type=int, default=None, help="default: 5%% of the steps")
     o.add_argument("--output-dir", default=None, help="default: runs/<date-time>")
-    o.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: at the end)")
+    o.add_argument("--save-every", type=int, default=0,
+                   help="also checkpoint every N steps (default: 0, by steps never; a run always "
+                        "saves at its end)")
+    o.add_argument("--save-every-minutes", type=float, default=None, metavar="M",
+                   help=f"checkpoint after every M minutes of training (default: {SAVE_EVERY_MINUTES:g} "
+                        f"on your data, 0 on the built-in corpora; 0: never by time). Rank 0's clock "
+                        f"decides for every rank, read every --log-every steps, so a save comes up to "
+                        f"--log-every - 1 steps late")
     o.add_argument("--resume", action="store_true", help="continue from --output-dir's last checkpoint")
     o.add_argument("--log-every", type=int, default=10, help="steps between rows of metrics.csv")
     o.add_argument("--no-eval", action="store_true", help="skip the before/after evaluation")
@@ -290,11 +301,17 @@ def pick_attention(name, cuda):
 
 
 def stated_precision(cfg):
-    """The precision a DeepSpeed config enables ("bf16", "fp16") or None when it states none
-    (DeepSpeed's own convention: a section with "enabled": true; "bfloat16" is bf16's alias)."""
-    on = [name for key, name in (("bf16", "bf16"), ("bfloat16", "bf16"), ("fp16", "fp16"))
-          if isinstance(cfg.get(key), dict) and cfg[key].get("enabled") is True]
-    return on[0] if on else None
+    """The precision a DeepSpeed config states, by DeepSpeed's own convention: "bf16" or "fp16"
+    for a section with "enabled": true ("bfloat16" is bf16's alias); "fp32" when it has a bf16,
+    bfloat16 or fp16 section and none is enabled (DeepSpeed then trains in fp32: a user who
+    wrote "bf16": {"enabled": false} asked for that); None when it has no precision section at
+    all, the one case `--precision auto` decides."""
+    sections = [(key, name) for key, name in (("bf16", "bf16"), ("bfloat16", "bf16"), ("fp16", "fp16"))
+                if key in cfg]
+    on = [name for key, name in sections if isinstance(cfg[key], dict) and cfg[key].get("enabled") is True]
+    if on:
+        return on[0]
+    return "fp32" if sections else None
 
 
 def pick_precision(choice, cuda, cfg=None, source="the DeepSpeed config"):
@@ -304,8 +321,12 @@ def pick_precision(choice, cuda, cfg=None, source="the DeepSpeed config"):
     import torch
     stated = stated_precision(cfg or {})
     if stated and choice not in ("auto", stated):
-        raise ConfigError(f'--precision {choice} contradicts {source}, which enables {stated} '
-                          f'("{stated}": {{"enabled": true}}); drop the flag or change the config')
+        says = ("disables bf16 and fp16 (fp32)" if stated == "fp32"
+                else f'enables {stated} ("{stated}": {{"enabled": true}})')
+        raise ConfigError(f'--precision {choice} contradicts {source}, which {says}; drop the flag '
+                          f'or change the config')
+    if stated == "fp32":
+        return stated, f"{source} disables bf16 and fp16"
     if stated:
         return stated, f"{source} enables it"
     if choice != "auto":
@@ -367,6 +388,12 @@ def check_run(args, cuda):
         raise ConfigError("--decode-timeout must be >= 0 and --max-nonfinite >= 1")
     if args.log_every < 1:
         raise ConfigError(f"--log-every {args.log_every}: give a positive number of steps")
+    if args.save_every < 0:
+        raise ConfigError(f"--save-every {args.save_every}: give a number of steps >= 0 (0: by steps never)")
+    if args.save_every_minutes is None:
+        args.save_every_minutes = 0.0 if builtin else SAVE_EVERY_MINUTES
+    if not args.save_every_minutes >= 0:
+        raise ConfigError(f"--save-every-minutes {args.save_every_minutes:g}: give minutes >= 0 (0: never by time)")
     ckpt_dir = out_dir / "checkpoints" if out_dir else None
     if args.resume and not (ckpt_dir / "latest").exists():
         raise ConfigError(f"--resume: no checkpoint in {ckpt_dir} (no 'latest' file); "

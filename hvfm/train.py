@@ -37,7 +37,7 @@ from hvfm.config import ConfigError, check_run, is_builtin, parse_args, schedule
 from hvfm.data import DataError  # noqa: E402
 from hvfm.data.transform import prepare_batch  # noqa: E402
 from hvfm.distributed import (all_gather, broadcast, init_distributed, quiet_libraries,  # noqa: E402,F401
-                              remove_shm_buffer)
+                              remove_shm_buffer, start_error_watch, stop_error_watch)
 
 STARTING = {"made": None}  # the output folder this run created, until its training begins
 LOSSES = ("loss", "vtc", "vtm", "mlm")
@@ -103,6 +103,9 @@ def train(args, label=None):
 
     # ---- process group, output folder, data, model
     rank, world = init_distributed(cuda)
+    watch = start_error_watch(rank, world)  # an error on one rank ends every rank (main)
+    if watch is not None and not watch.on_exit:
+        watch.on_exit += [remove_failed_start, lambda code: remove_shm_buffer()]
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
     out_dir = Path(args.output_dir or broadcast(time.strftime("runs/%Y%m%d-%H%M%S")))
     ckpt_dir = out_dir / "checkpoints"
@@ -191,11 +194,17 @@ def train(args, label=None):
     # ---- the loop
     start = time.perf_counter()
     deadline = start + args.max_minutes * 60 if args.max_minutes else None
+    saved_at, out_of_time = start, False
+
+    def clock(now):
+        """(save by time now, past --max-minutes) on this rank's clock; rank 0's is the one read."""
+        due = bool(args.save_every_minutes) and now - saved_at >= 60 * args.save_every_minutes
+        return [float(due), float(bool(deadline) and now >= deadline)]
     samples = tokens = micro_step = 0
     last_saved = step if args.resume else None
     last = None  # the last step's losses, on the device; read every --log-every steps
     bad_loss = torch.zeros((), device=engine.device)  # non-finite losses since the last step
-    while step < max_steps and (deadline is None or time.perf_counter() < deadline):
+    while step < max_steps and not out_of_time:
         got_batch, started_at = False, loader.position
         t_data = time.perf_counter()
         for batch in loader:
@@ -229,9 +238,28 @@ def train(args, label=None):
             last = torch.stack([out[k].detach().float() for k in LOSSES])
             elapsed = now - start
             bar.update(1)
-            stopping = step >= max_steps or (deadline and now >= deadline)
-            if step % args.log_every == 0 or stopping:  # the last step is always logged
-                losses = dict(zip(LOSSES, last.tolist()))  # the one read of the losses
+            stopping = step >= max_steps
+            sync = step % args.log_every == 0 or stopping  # the same steps on every rank
+            # The clock's decisions (save by time, --max-minutes) are rank 0's, so that every rank
+            # saves or stops at the same step: with several ranks they travel with the losses of
+            # the --log-every steps (one small broadcast there, no extra host read).
+            values = None
+            if sync and world > 1:
+                flags = torch.tensor(clock(now))
+                if last.is_cuda:  # no wait for the queued step before the broadcast's own
+                    flags = flags.pin_memory().to(last.device, non_blocking=True)
+                values = torch.cat([last, flags.to(last.device)])
+                dist.broadcast(values, src=0)
+                values = values.tolist()  # the one read of the losses (rank 0's on every rank)
+                save_due, late = values[len(LOSSES):]
+            elif world == 1:
+                save_due, late = clock(now)
+            else:
+                save_due = late = False
+            if late:
+                out_of_time = stopping = True
+            if sync or stopping:  # the last step is always logged
+                losses = dict(zip(LOSSES, values or last.tolist()))
                 lr = scheduler.get_last_lr()[0]
                 bar.set_postfix(loss=f"{losses['loss']:.3f}", vtc=f"{losses['vtc']:.2f}",
                                 vtm=f"{losses['vtm']:.2f}", mlm=f"{losses['mlm']:.2f}", lr=f"{lr:.1e}",
@@ -242,9 +270,9 @@ def train(args, label=None):
                         step, loader.epoch, *(f"{losses[k]:.9g}" for k in LOSSES), f"{lr:.3e}",
                         f"{samples / elapsed:.3f}", f"{tokens / elapsed:.1f}", f"{t_fetch - t_data:.4f}",
                         f"{now - t_fetch:.4f}", loader.skipped, nonfinite["skipped"]])))
-            if args.save_every and step % args.save_every == 0:
+            if (args.save_every and step % args.save_every == 0) or save_due:
                 save()
-                last_saved = step
+                last_saved, saved_at = step, time.perf_counter()
             t_data = time.perf_counter()
             if stopping:
                 break
@@ -254,7 +282,7 @@ def train(args, label=None):
             raise DataError(f"{train_ann.source}: the loader gave no batch (fewer samples than one batch?)")
     bar.close()
     wall = time.perf_counter() - start
-    if rank == 0 and step < max_steps and deadline and time.perf_counter() >= deadline:
+    if rank == 0 and step < max_steps and out_of_time:
         print(f"stopped at the time cap: {args.max_minutes:g} minutes of training (--max-minutes) "
               f"after {step} of {max_steps} steps", flush=True)
     if step != last_saved:  # (a resumed run that had nothing left to do saves nothing)
@@ -296,7 +324,18 @@ def train(args, label=None):
     return summary
 
 
+def remove_failed_start(code):
+    """A failed start (exit 2 before training began) leaves nothing behind."""
+    if code == 2 and STARTING["made"] is not None:
+        shutil.rmtree(STARTING["made"], ignore_errors=True)
+
+
 def main(argv=None):
+    """Run `train`; bad input, a failed save or a non-finite streak is one `error: ...` line and
+    exit code 2 (3: non-finite). An error every rank raises together (`collective`) is said once
+    and the ranks end together. One that a rank raises alone (a DataError from its own loader,
+    a crash) goes through the error watch: every rank prints the same line and exits with its
+    code within seconds, instead of waiting in a collective for the 30-minute time-out."""
     args = parse_args(argv)
     code = 0
     collective = False  # an error every rank raised at the same point: they can still meet
@@ -306,13 +345,26 @@ def main(argv=None):
         import torch.distributed as dist
         code = 3 if isinstance(e, NonFiniteError) else 2
         collective = getattr(e, "collective", False)
+        watch = None if collective else stop_error_watch()
+        if watch is not None:
+            watch.fail(code, str(e))  # every rank prints this line and exits; does not return
         if not (collective and dist.is_initialized() and dist.get_rank() != 0):  # one line per run
             from tqdm import tqdm
             tqdm.write(f"error: {e}", file=sys.stderr)  # on a line of its own, under a live bar
-        if code == 2 and STARTING["made"] is not None:  # a failed start leaves nothing behind
-            shutil.rmtree(STARTING["made"], ignore_errors=True)
+        remove_failed_start(code)
+    except Exception as e:
+        watch = stop_error_watch()
+        if watch is not None:  # a crash on this rank: its traceback here, one line on every rank
+            import traceback
+            import torch.distributed as dist
+            traceback.print_exc()
+            first = (str(e).strip().splitlines() or [""])[0][:300]
+            watch.fail(1, f"rank {dist.get_rank()} failed: {type(e).__name__}: {first} (its traceback is in "
+                          f"its log)")
+        raise
     finally:
         import torch.distributed as dist
+        stop_error_watch()  # before the final barrier: a rank 0 done first is not a dead one
         if dist.is_available() and dist.is_initialized():
             if code == 0 or collective:
                 dist.barrier()

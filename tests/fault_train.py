@@ -8,6 +8,8 @@ the engine it returns misbehaves where these variables say (they live here, not 
   HVFM_TEST_SAVE_FAULT = "enospc@STEP[:RANK]"   the save of STEP writes 1 KiB of its first file,
       then raises ENOSPC (disk full); "hang@STEP[:RANK]" writes the first file, touches
       .test-hang-rankR in the checkpoint's temp folder and sleeps for ever (to be SIGKILLed).
+  HVFM_TEST_DATA_ERROR = "K@RANK"   rank RANK raises a DataError (as its loader would) at its
+      micro-batch K (1-based), the other ranks go on into the step's collectives.
 
 The decoder faults (HVFM_TEST_DECODE_FAULT) are still read by hvfm/data (not this file)."""
 from __future__ import annotations
@@ -114,6 +116,19 @@ def patch(env=os.environ):
             nan.fed = client.get("batches_fed", 0)
             return path, client
         engine.forward, engine.load_checkpoint = faulty_forward, counting_load
+        data_error = parse_ranges(env.get("HVFM_TEST_DATA_ERROR", ""), rank)
+        if data_error:
+            fed = [0]
+            inner_forward = engine.forward
+
+            def failing_forward(*a, **kw):  # counted on its own: a resume does not move it
+                fed[0] += 1
+                if any(lo <= fed[0] <= hi for lo, hi in data_error):
+                    from hvfm.data import DataError
+                    raise DataError(f"injected.csv: row {fed[0]}, column contentUrl: test fault on rank "
+                                    f"{rank}; fix the row")
+                return inner_forward(*a, **kw)
+            engine.forward = failing_forward
         fault = save_fault(env.get("HVFM_TEST_SAVE_FAULT", ""), rank)
         if fault:
             ce = engine.checkpoint_engine

@@ -44,7 +44,7 @@ def test_cpu_binds_nothing(monkeypatch):
     ("bf16", "bf16", "bf16"), (None, "fp32", "fp32"),
 ])
 def test_precision_follows_the_config(stated, flag, want):
-    cfg = {"train_micro_batch_size_per_gpu": 1, "bf16": {"enabled": False}}
+    cfg = {"train_micro_batch_size_per_gpu": 1}  # no precision section ("bf16" off would be fp32)
     if stated:
         cfg[stated] = {"enabled": True}
     precision, why = config.pick_precision(flag, cuda=True, cfg=cfg, source="c.json")

@@ -196,11 +196,25 @@ class Collator:
         }
 
 
+def local_ranks_from_env(environ=None):
+    """Ranks on this machine, as the launcher says: LOCAL_SIZE (the deepspeed launcher, also its
+    MPI runners), else LOCAL_WORLD_SIZE (torchrun), else 1."""
+    import os
+    environ = os.environ if environ is None else environ
+    for name in ("LOCAL_SIZE", "LOCAL_WORLD_SIZE"):
+        try:
+            n = int(environ.get(name, ""))
+        except ValueError:
+            continue
+        if n >= 1:
+            return n
+    return 1
+
+
 def default_workers(cpus=None, local_ranks=None):
     """Loader workers per rank when --workers is not given: one core per rank stays with the
     training process, the rest decode, at most 8: min(8, cpus // local ranks - 1), at least 1.
-    cpus: the cores this process may run on; local ranks: LOCAL_WORLD_SIZE (set by the deepspeed
-    launcher and torchrun), else 1."""
+    cpus: the cores this process may run on; local ranks: `local_ranks_from_env`."""
     import os
     if cpus is None:
         try:
@@ -208,10 +222,7 @@ def default_workers(cpus=None, local_ranks=None):
         except AttributeError:  # not Linux
             cpus = os.cpu_count() or 1
     if local_ranks is None:
-        try:
-            local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-        except ValueError:
-            local_ranks = 1
+        local_ranks = local_ranks_from_env()
     return max(1, min(8, cpus // max(1, local_ranks) - 1))
 
 
