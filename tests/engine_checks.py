@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 
-def build(config, precision="fp32", **overrides):
+def build(config, precision="fp32", attn="sdpa", clip=None, **overrides):
     import deepspeed
     import torch
     from hvfm.config import engine_config, read_ds_config
@@ -34,8 +34,8 @@ def build(config, precision="fp32", **overrides):
     from hvfm.optim import lr_lambda, param_groups
     tok = tiny_tokenizer()
     torch.manual_seed(0)
-    model = VideoLanguageModel.from_clip(tiny_clip(tok, dtype=torch.float32), tok, fusion_layers=1,
-                                         max_frames=4, motion=True)
+    model = VideoLanguageModel.from_clip(tiny_clip(tok, dtype=torch.float32, **(clip or {})), tok,
+                                         fusion_layers=1, max_frames=4, motion=True, attn=attn)
     cfg = read_ds_config(ROOT / "ds_configs" / f"{config}.json", torch.distributed.get_world_size(), 2)
     cfg["zero_optimization"] = {**cfg.get("zero_optimization", {}), **overrides}
     cfg = engine_config(cfg, precision)
@@ -116,12 +116,19 @@ def case_groups(rank, config):
 def case_syncfree(rank, config, precision):
     """One whole step on a GPU under torch.cuda.set_sync_debug_mode("error"); the two known syncs
     (DeepSpeed's engine.step: overflow check and gradient norm; losses.host_pairs: the VTM pairs'
-    packed layout) run with the mode off."""
+    packed layout) run with the mode off. The model runs the trainer's GPU path: `triton`
+    attention and the fused Triton patch embedding, at head dim 64 (2 heads of width 128) as the
+    ViT-B towers, so the kernels compiled for them are reused from Triton's cache."""
     import numpy as np
     import torch
     import hvfm.model.model as model_mod
+    from hvfm.model import get_backend
     from hvfm.train import train_step
-    engine, tok, cfg, _ = build(config, precision)
+    if get_backend("triton") is get_backend("sdpa"):
+        raise RuntimeError("the triton attention backend is not available (it would fall back to sdpa)")
+    engine, tok, cfg, _ = build(config, precision, attn="triton", clip=dict(width=128, heads=2))
+    if engine.module.video.patch_embed != "triton":
+        raise RuntimeError(f"patch embedding {engine.module.video.patch_embed!r}, not the fused Triton one")
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     args = SimpleNamespace(drop_ratio="0.5", reverse_negatives=1.0, vtm_hardness=0.0)
     weights = {"vtc": 1.0, "vtm": 1.0, "mlm": 1.0}
@@ -148,7 +155,8 @@ def case_syncfree(rank, config, precision):
     finally:
         torch.cuda.set_sync_debug_mode(0)
     return {"ok": out is not None and bool(torch.isfinite(out["loss"]).item()),
-            "skipped": engine.skipped_steps - skipped}
+            "skipped": engine.skipped_steps - skipped, "attn": engine.module.video.attn,
+            "patch_embed": engine.module.video.patch_embed}
 
 
 def worker(rank, world, port, specs, out):

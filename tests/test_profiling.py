@@ -395,20 +395,3 @@ def test_bench_zero_two_ranks(tmp_path):
         assert r["model_states_mib"] == pytest.approx(
             sum(r[f"{g}_mib"] for g in ("params", "grads", "optimizer", "buffers")))
     assert "z3" in (tmp_path / "bench_zero.md").read_text()
-
-
-def test_gpu_check_script_parses_and_dry_runs():
-    script = ROOT / "profiling" / "gpu_check.sh"
-    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
-    r = subprocess.run(["bash", str(script), "--dry-run", "--out", "/tmp/hvfm-gpu-check-dry"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=120,
-                       env={k: v for k, v in os.environ.items() if k != "OUT"})
-    assert r.returncode == 0, r.stderr
-    for stage in ("env", "tests_kernels", "tests_rest", "tests_sync", "bench_kernels", "bench_train",
-                  "bench_zero", "bench_data", "project_epoch"):
-        assert f"[{stage}]" in r.stdout
-    assert "bench_train.py --gpu-defaults" in r.stdout and "/tmp/hvfm-gpu-check-dry" in r.stdout
-    assert not Path("/tmp/hvfm-gpu-check-dry").exists()  # a dry run writes nothing
-    if not torch.cuda.is_available():
-        r = subprocess.run(["bash", str(script)], cwd=ROOT, capture_output=True, text=True, timeout=120)
-        assert r.returncode == 2 and "no CUDA GPU" in r.stderr

@@ -126,8 +126,9 @@ def test_shipped_configs_are_valid_and_have_no_dead_sections(tmp_path):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA only: the sync debug mode is a CUDA feature")
 def test_one_training_step_has_no_host_sync_of_ours(tmp_path):
-    """One whole step (forward, backward, engine.step) on a GPU under
-    torch.cuda.set_sync_debug_mode("error"), except two known syncs run with the mode off:
+    """One whole step (forward, backward, engine.step) of the trainer's GPU path (triton attention,
+    the fused Triton patch embedding) under torch.cuda.set_sync_debug_mode("error"), except two
+    known syncs run with the mode off:
     DeepSpeed's overflow check and gradient norm inside engine.step() (its own, needed to skip a
     step), and losses.host_pairs (the VTM pairs' packed layout needs host lengths)."""
     env = dict(os.environ, PYTHONPATH=str(ROOT))
@@ -137,3 +138,4 @@ def test_one_training_step_has_no_host_sync_of_ours(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(out.read_text())["syncfree:z2:bf16"]
     assert res["ok"] and res["skipped"] == 0
+    assert res["attn"] == "triton" and res["patch_embed"] == "triton"  # not the sdpa path
