@@ -1,9 +1,18 @@
-"""Resume at scale, the shard side: a resumed shard loader skips the shards its slots consumed
-(from index.json's counts) instead of reading every consumed sample, so what the first batch
-costs does not grow with how far the epoch had gone; what it delivers is the uninterrupted run's
-(exactly when the shuffle buffer held only samples of the shard being read, else that run's rest
-of the pass less the buffered samples of earlier shards)."""
+"""Resume at scale.
+
+Shards: a resumed shard loader skips the shards its slots consumed (from index.json's counts)
+instead of reading every consumed sample, so what the first batch costs does not grow with how
+far the epoch had gone; what it delivers is the uninterrupted run's (exactly when the shuffle
+buffer held only samples of the shard being read, else that run's rest of the pass less the
+buffered samples of earlier shards).
+
+World size: a ZeRO-2 bf16 checkpoint saved on 2 ranks resumes on 1 (DeepSpeed's universal
+checkpoint): weights, Adam moments, step count and LR schedule carry over, the data position is
+shared out, a changed global batch is refused in one line."""
 import json
+import os
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -190,3 +199,62 @@ def test_fewer_shards_than_slots_resumes_exactly(clips, tmp_path):
     full = list(make(spec, clips, **kw))
     rest = list(resumed(spec, clips, state, **kw))
     assert [b["index"].tolist() for b in rest] == [b["index"].tolist() for b in full[3:]]
+
+
+def test_rescaled_position_skips_the_samples_the_old_ranks_took():
+    # map-style data: one permutation per epoch split by rank; 4 ranks at position 6 took its
+    # first 24 samples, and 2 (or 3) ranks resumed from rank 0's state skip those same ones
+    from hvfm.checkpoint import rescale_loader_state
+    from hvfm.data.dataset import ResumableDistributedSampler
+    n = 60
+    taken = {i for r in range(4) for i, _ in list(ResumableDistributedSampler(n, 4, r, seed=1))[:6]}
+    states = [{"epoch": 0, "position": 6, "skipped": r, "bad_drawn": 0, "timeouts": 0, "crashes": 1,
+               "shard_raw": [None], "shard_layout": [4, 1]} for r in range(4)]
+    for world in (2, 3):
+        rest = []
+        for rank in range(world):
+            state = rescale_loader_state(states, world, rank)
+            assert state["position"] == 24 // world and "shard_raw" not in state
+            assert (state["skipped"], state["crashes"]) == ((6, 4) if rank == 0 else (0, 0))
+            sampler = ResumableDistributedSampler(n, world, rank, seed=1)
+            sampler.set_epoch(0, state["position"])
+            rest += [i for i, _ in sampler]
+        assert sorted(rest) == sorted(set(range(n)) - taken)
+
+
+def test_checkpoint_of_2_ranks_resumes_on_1(tmp_path):
+    # ~40 s: 2 ranks train 3 steps and save (ZeRO-2, bf16), 1 rank resumes: first with the same
+    # config (half the global batch: refused in one line, nothing converted), then with
+    # accumulation 2 (universal checkpoint)
+    root = Path(__file__).resolve().parents[1]
+    ckpt = tmp_path / "ckpt"
+    env = dict(os.environ, PYTHONPATH=str(root))
+
+    def run(mode, world):
+        out = tmp_path / f"{mode}.json"
+        r = subprocess.run([sys.executable, str(root / "tests" / "world_change_run.py"), mode, str(world),
+                            str(ckpt), str(out)], cwd=root, env=env, capture_output=True, text=True,
+                           timeout=600)
+        assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
+        return json.loads(out.read_text()), r.stdout
+
+    saved, _ = run("save", 2)
+    assert json.loads((ckpt / "step00000003" / "hvfm_checkpoint.json").read_text())["world_size"] == 2
+    got, stdout = run("resume", 1)
+    err = got["error"]
+    assert err and "\n" not in err and not got["converted_before_check"]
+    assert "trained on 2 rank(s) with a global batch of 4" in err and "set gradient_accumulation_steps to 2" in err
+    assert "converting it to DeepSpeed's universal format" in stdout
+    assert (ckpt / "step00000003-universal").is_dir() and not list(ckpt.glob(".tmp-*"))
+    a, b = saved["saved"], got["resumed"]
+    assert b["client_step"] == 3 and b["global_steps"] == a["global_steps"] == 3
+    assert b["lr"] == a["lr"]  # the schedule where it was
+    assert b["adam_step"] == a["adam_step"] == [3]
+    for k in ("master", "exp_avg", "exp_avg_sq"):  # the fp32 weights and Adam moments, all of them
+        assert b[k] == pytest.approx(a[k], rel=1e-9) and b[k] > 0, k
+    assert got["next_lr"] == saved["next_lr"]  # and it goes on as the 2-rank run did
+    assert all(x == x and abs(x) < 100 for x in got["losses"])  # finite
+    # the data position: 2 ranks x 12 samples of epoch 1 for the one rank, counters summed
+    assert got["loader"] == {"epoch": 1, "position": 24, "skipped": 3, "bad_drawn": 1, "timeouts": 0,
+                             "crashes": 0}
+    assert got["saved_layout"]["world_size"] == 1 and got["saved_layout"]["global_batch"] == 4
