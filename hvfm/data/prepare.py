@@ -18,7 +18,9 @@ its sample count and bad files in `.parts/SSSSSS.json` (written first); a rerun 
 shards and redoes the rest (a half-written one included). Bad videos (missing, unreadable, no
 frames) never stop it: they are left out, counted, and listed in `SHARDS/bad_files.txt`
 (`path<TAB>reason`). When every shard is done, `SHARDS/index.json` records the shards, their sample
-counts and the settings; the trainer reads it (`--train-shards SHARDS`) to know an epoch's length.
+counts and the settings; the trainer reads it (`--train-shards SHARDS`) to know an epoch's length
+and, on `--resume`, which shards each loader worker had finished (skipped without being opened;
+see hvfm/data/shards.py). Rewrite index.json (rerun prepare) if shards are changed by hand.
 """
 from __future__ import annotations
 

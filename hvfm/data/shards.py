@@ -14,16 +14,33 @@ training process) is split into W "slots"; slot L makes the rank's batches L, L 
 per pass over the data the shard list is permuted with a generator seeded by (seed, epoch, pass)
 and slot s = rank * W + L of the world * W slots takes every (world * W)-th shard from s; with fewer
 shards than slots every slot reads all shards and keeps every (world * W)-th sample. Samples go
-through a shuffle buffer (webdataset's, seeded by (seed, epoch, rank, L)), then are decoded from
+through a shuffle buffer (webdataset's algorithm; which sample leaves the buffer is drawn from
+(seed, epoch, rank, L, samples taken so far), so the order is reproducible), then are decoded from
 memory (decord, PyAV fallback), cropped, flipped and tokenised exactly as the map-style dataset
 does (same `VideoTransform`, `Collator`). An epoch is floor(samples / (world * batch)) batches on
 every rank (ranks must step together); a slot whose shards run out before its share starts its
 next pass (so with uneven shards a few samples repeat within an epoch, others wait for the next).
 
-Resume: the loader state holds, besides the epoch and the rank's sample position, how many raw
-samples each slot has taken from its stream; a resumed slot skips that many (read, not decoded)
-and continues with exactly the batches the uninterrupted run would have made. That needs the same
-world size and --workers; with others the position is kept approximately (a warning says so).
+Resume: the loader state holds, per slot, how many samples it has taken from its buffer (`k`),
+the raw position of its stream (`r`: samples pulled from the shards into the buffer) and which raw
+samples sit in the buffer (`buf`). A resumed slot finds, from the per-shard sample counts of
+`index.json` (`shard_counts`), the shard that holds raw sample r - 1, skips every shard before it
+without opening it, reads that one shard from its start to r (read, not decoded), puts back the
+buffered samples that came from it and continues from r. The first batch therefore costs at most
+one shard's reading plus the buffer's usual refill, however far the epoch had gone.
+What is exact and what is approximate:
+  - exact (the batches of the uninterrupted run, bit for bit) when every sample in the buffer at
+    the save came from the shard being read: always with --shuffle-buffer 0 or 1, and with a
+    buffer when the shards are large against it;
+  - otherwise the buffered samples that came from earlier shards (at most the buffer's size; with
+    the default 1000 and shards of 1000, typically a few hundred) are skipped for the rest of this
+    epoch (seen again the next epoch) and the order after the resume differs from the
+    uninterrupted run's; no sample taken before the save is taken again in the same pass;
+  - a shard whose content no longer matches its count in index.json (damaged after prepare wrote
+    it) shifts positions only within that shard;
+  - another world size or --workers: every rank resumes at the same share of the epoch
+    (samples consumed, divided among the new slots), with the new slot layout's shards: some
+    samples of the epoch are seen twice, others wait for the next epoch (a warning says so).
 
 Bad samples (undecodable mp4 bytes, no frames) are skipped: the next sample of the stream takes the
 place, and the failure travels with the batch so the skip counters and bad-file log work as for
@@ -38,7 +55,6 @@ import itertools
 import json
 import logging
 import os
-import random
 from pathlib import Path
 
 import numpy as np
@@ -206,6 +222,8 @@ class ShardDataset(IterableDataset):
                             f"{batch_size} for each of {world_size} rank(s); write more samples or "
                             f"lower the batch size")
         self.epoch, self.start, self.raw = 0, 0, None
+        self.reads = 0  # raw samples read from the tars by this process (resume cost, tests)
+        self.resume_stats = {}  # per slot L, of the last start: samples read to resume, restored, dropped
 
     def __len__(self):  # batches left in this epoch
         return max(0, self.batches_per_epoch - self.start // self.batch_size)
@@ -221,19 +239,90 @@ class ShardDataset(IterableDataset):
             return [self.urls[i] for i in order[slot::nslots]], None
         return [self.urls[i] for i in order], (slot, nslots)
 
-    def _raw_stream(self, slot):
-        import webdataset as wds
+    def _pass(self, slot, p):
+        """Pass p of a slot: its shards, the samples the slot keeps of each (from the counts) and
+        the (slot, slots) of the every-nth rule (None: the slot keeps whole shards)."""
+        urls, every = self._slot_urls(slot, p)
+        if every is None:
+            return urls, [self.counts[u] for u in urls], None
+        kept, off = [], 0
+        for u in urls:  # tar items off .. off + count - 1 of the pass; keep i % n == s
+            c = self.counts[u]
+            kept.append(_congruent(off + c, *every) - _congruent(off, *every))
+            off += c
+        if sum(kept) == 0:
+            raise DataError(f"shards {self.urls[0]}...: slot {slot} found no samples in a pass")
+        return urls, kept, every
+
+    def shard_begin(self, slot, i):
+        """The raw index (in this epoch's stream of `slot`) of the first sample of the shard that
+        holds raw sample i: found from the counts alone, nothing is read."""
+        r = 0
         for p in itertools.count():
-            urls, every = self._slot_urls(slot, p)
-            got = 0
-            # a shard damaged after prepare wrote it: warn, keep what it holds, go on
-            samples = wds.tarfile_to_samples(handler=wds.warn_and_continue)(iter([{"url": u} for u in urls]))
-            for i, s in enumerate(samples):
-                if every is None or i % every[1] == every[0]:
-                    got += 1
-                    yield s
-            if got == 0:
+            _, kept, _ = self._pass(slot, p)
+            if r + sum(kept) <= i:
+                r += sum(kept)
+                continue
+            for n in kept:
+                if r + n > i:
+                    return r
+                r += n
+
+    def _raw_stream(self, slot, start=0):
+        """(raw index, sample) of a slot's stream from raw index `start`: the shards that end
+        before it are skipped unopened (their counts say how many samples they hold); the shard
+        that holds it is read from its start (the samples before `start` read, not yielded)."""
+        import webdataset as wds
+        r = 0
+        for p in itertools.count():
+            urls, kept, every = self._pass(slot, p)
+            if r + sum(kept) <= start:
+                r += sum(kept)
+                continue
+            whole, got, off = r >= start, 0, 0
+            for u, n in zip(urls, kept):
+                c = self.counts[u]
+                if r + n <= start:  # consumed: never opened
+                    r, off = r + n, off + c
+                    continue
+                i = r
+                # a shard damaged after prepare wrote it: warn, keep what it holds, go on
+                samples = wds.tarfile_to_samples(handler=wds.warn_and_continue)(iter([{"url": u}]))
+                for j, s in enumerate(samples):
+                    if j >= c or i >= r + n:
+                        break
+                    if every is not None and (off + j) % every[1] != every[0]:
+                        continue
+                    self.reads += 1
+                    if i >= start:
+                        got += 1
+                        yield i, s
+                    i += 1
+                r, off = r + n, off + c  # the counts keep later shards at their positions
+            if whole and got == 0:
                 raise DataError(f"shards {self.urls[0]}...: slot {slot} found no samples in a pass")
+
+    def _resume_stream(self, slot, L, state):
+        """The slot's shuffled stream, continued from `state` (see the module docstring)."""
+        base = int(_rng(self.seed, self.epoch, self.rank, L, 0x5B0F).integers(2**62))
+        k, r, ids = state["k"], state["r"], list(state.get("buf") or [])
+        reads = self.reads
+        if r == 0:
+            stream, buf = self._raw_stream(slot), []
+        else:
+            begin = self.shard_begin(slot, r - 1)
+            stream = self._raw_stream(slot, begin)
+            want, held = {i for i in ids if i >= begin}, {}
+            if r > begin:
+                for i, s in stream:
+                    if i in want:
+                        held[i] = s
+                    if i == r - 1:
+                        break
+            buf = [(i, held[i]) for i in ids if i in held]
+        self.resume_stats[L] = {"read": self.reads - reads, "restored": len(buf), "dropped": len(ids) - len(buf),
+                                "dropped_ids": [i for i in ids if i not in held] if r else []}
+        return ShuffleBuffer(stream, self.shuffle_buffer, base, k, r, buf)
 
     def _sample(self, s, L, k):
         name = f"{s.get('__url__', '?')}:{s.get('__key__', '?')}"
@@ -267,21 +356,20 @@ class ShardDataset(IterableDataset):
         L = (b0 + p) % self.slots  # the DataLoader's first batch comes from worker 0
         mine = range(L, self.batches_per_epoch, self.slots)
         done = len(range(L, b0, self.slots))
-        skip = self.raw[L] if self.raw is not None and self.raw[L] is not None else done * self.batch_size
-        slot = self.rank * self.slots + L
-        rng = random.Random(int(_rng(self.seed, self.epoch, self.rank, L, 0x5B0F).integers(2**62)))
-        stream = wds_shuffle(self._raw_stream(slot), self.shuffle_buffer, rng)
-        k = in_row = 0
-        for _ in range(skip):  # read, not decoded
-            next(stream)
-            k += 1
+        state = self.raw[L] if self.raw is not None else None
+        if isinstance(state, int):  # a state of before buffers were kept: samples taken
+            state = {"k": state, "r": state, "buf": []}
+        elif state is None:  # a fresh epoch, or another layout: the rank's position alone
+            k = done * self.batch_size
+            state = {"k": k, "r": k, "buf": []}
+        stream = self._resume_stream(self.rank * self.slots + L, L, state)
+        in_row = 0
         for _ in range(len(mine) - done):
             samples, failures = [], []
             while len(samples) < self.batch_size:
-                s = next(stream)
-                k += 1
+                _, s = next(stream)
                 try:
-                    samples.append(self._sample(s, L, k - 1))
+                    samples.append(self._sample(s, L, stream.k - 1))
                     in_row = 0
                 except DecodeError as e:
                     failures.append((e.path, e.reason, e.kind, 0))
@@ -293,33 +381,83 @@ class ShardDataset(IterableDataset):
             if failures:
                 samples[0]["failures"] = failures
             batch = self.collate(samples)
-            batch["shard_slot"], batch["shard_raw"] = L, k
+            batch["shard_slot"], batch["shard_raw"] = L, stream.state()
             yield batch
 
 
-def wds_shuffle(stream, bufsize, rng):
-    """webdataset's shuffle buffer over `stream` with our seeded generator (bufsize 0: none)."""
-    if bufsize <= 1:
-        return iter(stream)
-    import webdataset as wds
-    return iter(wds.filters._shuffle(iter(stream), bufsize, min(bufsize, 100), rng=rng))
+def _congruent(x, s, n):
+    """How many i in [0, x) have i % n == s."""
+    return (x - s + n - 1) // n if x > s else 0
+
+
+def _mix64(x):
+    """splitmix64: a well-mixed 64-bit value of x."""
+    m = 0xFFFFFFFFFFFFFFFF
+    x = (x + 0x9E3779B97F4A7C15) & m
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & m
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & m
+    return x ^ (x >> 31)
+
+
+class ShuffleBuffer:
+    """webdataset's shuffle buffer (fill two per take up to `bufsize`, first take once `initial`
+    = min(bufsize, 100) are in) over a stream of (raw index, sample), whose state can be saved
+    and restored: `k` samples taken, `r` the next raw index to pull, the raw indices in the
+    buffer (in buffer order). Take number k picks slot hash(base, k) % len(buffer), so a restored
+    buffer continues exactly as the original. Yields (raw index, sample). bufsize <= 1: no
+    buffer (the stream's order)."""
+
+    def __init__(self, stream, bufsize, base, k=0, r=0, buf=()):
+        self.stream, self.bufsize, self.base = iter(stream), bufsize, base
+        self.k, self.r, self.buf = k, r, list(buf)
+        self.initial = min(bufsize, 100)
+
+    def _pull(self):
+        i, s = next(self.stream)
+        self.buf.append((i, s))
+        self.r = i + 1
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self.bufsize <= 1 and not self.buf:
+            i, s = next(self.stream)
+            self.r, self.k = i + 1, self.k + 1
+            return i, s
+        while True:
+            if self.bufsize > 1 and len(self.buf) < self.bufsize:
+                self._pull()
+                if len(self.buf) < self.bufsize:
+                    self._pull()
+            if len(self.buf) >= self.initial or self.bufsize <= 1:
+                j = _mix64(self.base + self.k) % len(self.buf)
+                item = self.buf[j]
+                self.buf[j] = self.buf[-1]
+                self.buf.pop()
+                self.k += 1
+                return item
+
+    def state(self):
+        return {"k": self.k, "r": self.r, "buf": [i for i, _ in self.buf]}
 
 
 # ----------------------------------------------------------------------------- loader
 
 class ShardLoader(VideoTextLoader):
     """`VideoTextLoader` over a `ShardDataset`: the same counters and batches; its state also
-    holds the raw stream position of every slot (exact resume)."""
+    holds every slot's stream state (`ShuffleBuffer.state`: samples taken, raw position, the
+    buffer's raw indices), from which a resume skips the consumed shards (module docstring)."""
 
     def __init__(self, dataset, loader, timeout=0.0):
         super().__init__(dataset, dataset, loader, timeout)
-        self.raw = [0] * dataset.slots
+        self.raw = [None] * dataset.slots
 
     def __len__(self):
         return len(self.dataset)
 
     def set_epoch(self, epoch, start=0, raw=None):
-        self.raw = list(raw) if raw is not None else [None if start else 0] * self.dataset.slots
+        self.raw = list(raw) if raw is not None else [None] * self.dataset.slots
         self.dataset.set_epoch(epoch, start, list(self.raw))
         self.epoch, self.position = epoch, start
 
