@@ -155,7 +155,7 @@ def test_single_candidate_is_not_benchmarked_and_reported(monkeypatch):
     dev = "cuda" if torch.cuda.is_available() and not INTERPRET else "cpu"
     monkeypatch.setenv(AT.SEARCH_ENV, "off")  # CUDA: one compile per kernel, nothing written
     autotune_report(reset=True)
-    q = torch.randn(12, 2, 16, device=dev)
+    q = torch.randn(12, 2, 24, device=dev)  # head dim 24: a key no other test uses
     cu = torch.tensor([0, 5, 12], dtype=torch.int32, device=dev)
     kernels.varlen_attention(q, q, q, cu, cu, 7, 7)
     kernels.varlen_attention(q, q, q, cu, cu, 7, 7)  # same key: no second entry
