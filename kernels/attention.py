@@ -23,6 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._autotune import autotune
 from ._config import (INTERPRET, attention_class, attention_dkdv_table, attention_dq_table,
                       attention_fwd_table, preprocess_configs)
 
@@ -71,8 +72,7 @@ _DQ = attention_dq_table()
 _KEY = ["HEAD_DIM", "CAUSAL", "tune_class"]
 
 
-@triton.autotune(configs=_FWD.configs, key=_KEY,
-                 prune_configs_by={"early_config_prune": _FWD.prune})
+@autotune(configs=_FWD.configs, key=_KEY, name="attention_fwd", prune=_FWD.prune)
 @triton.jit(do_not_specialize=["tune_class"])
 def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K, qk_scale, sq_t, sq_h, sk_t, sk_h, sv_t, sv_h,
                 so_t, so_h, H, tune_class, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -124,7 +124,7 @@ def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K, qk_scale, sq_t, sq_h, sk_t, sk_h, s
     tl.store(LSE + r * H + h, lse, mask=row_ok)
 
 
-@triton.autotune(configs=preprocess_configs(), key=["HEAD_DIM"])
+@autotune(configs=preprocess_configs(), key=["HEAD_DIM"], name="attention_delta")
 @triton.jit(do_not_specialize=["n_rows"])
 def _delta_kernel(O, DO, DELTA, n_rows, so_t, so_h, sd_t, sd_h, H, HEAD_DIM: tl.constexpr,
                   BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
@@ -137,8 +137,7 @@ def _delta_kernel(O, DO, DELTA, n_rows, so_t, so_h, sd_t, sd_h, H, HEAD_DIM: tl.
     tl.store(DELTA + rows.to(tl.int64) * H + h, tl.sum(o * do, 1), mask=row_ok)
 
 
-@triton.autotune(configs=_DKDV.configs, key=_KEY,
-                 prune_configs_by={"early_config_prune": _DKDV.prune})
+@autotune(configs=_DKDV.configs, key=_KEY, name="attention_dkdv", prune=_DKDV.prune)
 @triton.jit(do_not_specialize=["tune_class"])
 def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K, qk_scale, sm_scale,
                  sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, sd_t, sd_h, sdk_t, sdk_h, sdv_t, sdv_h,
@@ -187,8 +186,7 @@ def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K, qk_scale, sm_scale
              mask=m2)
 
 
-@triton.autotune(configs=_DQ.configs, key=_KEY,
-                 prune_configs_by={"early_config_prune": _DQ.prune})
+@autotune(configs=_DQ.configs, key=_KEY, name="attention_dq", prune=_DQ.prune)
 @triton.jit(do_not_specialize=["tune_class"])
 def _dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K, qk_scale, sm_scale,
                sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, sd_t, sd_h, sdq_t, sdq_h,

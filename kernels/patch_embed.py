@@ -12,13 +12,14 @@ import torch
 import triton
 import triton.language as tl
 
+from ._autotune import autotune
 from ._config import INTERPRET, patch_embed_configs
 from .reference import patch_grid
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-@triton.autotune(configs=patch_embed_configs(), key=["D", "K"])
+@autotune(configs=patch_embed_configs(), key=["D", "K"], name="patch_embed")
 @triton.jit(do_not_specialize=["n_rows", "n_seq", "n_search"])
 def _patch_embed_kernel(X, IDX, CU, W, BIAS, POS_S, POS_T, OUT, n_rows, n_seq, n_search,
                         sx_b, sx_t, sx_c, sx_h, sx_w, wp, hw, patch, D, K,

@@ -12,6 +12,14 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICES = (["cpu"] if INTERPRET else []) + (["cuda"] if torch.cuda.is_available() else [])
 pytestmark = pytest.mark.skipif(not DEVICES, reason="needs CUDA or TRITON_INTERPRET=1")
 ATOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-3}
+
+
+@pytest.fixture(autouse=True)
+def _no_autotune_search(monkeypatch):
+    """CUDA: one config per key (the first listed), 3 compiles instead of 12 + timing runs;
+    kernels._compile_check compiles every config."""
+    if torch.cuda.is_available() and not INTERPRET:
+        monkeypatch.setenv("HVFM_AUTOTUNE", "off")
 # (weight dtype, pixel dtype, channels, patch, width D, bias/pos given, counts per sample)
 CASES = [
     (torch.float32, torch.float32, 3, 8, 40, True, [7, 0, 60, 1]),  # K = 192, D % 64 != 0
