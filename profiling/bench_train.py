@@ -79,6 +79,7 @@ sys.path.insert(0, str(ROOT))
 if not CUDA:
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
+import kernels  # noqa: E402  (the Triton compile + autotune report of each engine's first step)
 from profiling.machine import (RESULTS, describe, machine_info, markdown_table, nvml_used_bytes,  # noqa: E402
                                pyplot, reset_peak_rss, rss_bytes, write_json, write_markdown)
 
@@ -538,10 +539,12 @@ def first_step_table(payload):
     rows = []
     for label, s in payload["first_step"].items():
         st = steady.get(label)
+        tune = (f"{s['autotune_s']:.1f} s, {s['autotune_keys']} keys ({s['autotune_disk']} from disk)"
+                if s.get("autotune_keys") else "-")
         rows.append([label, s["step_s"], f"{s['prepare_s']:.2f}/{s['forward_s']:.2f}/{s['backward_s']:.2f}/"
-                     f"{s['optimizer_s']:.2f}", st, f"{1e3 * s['step_s'] / st:.1f}x" if st else None])
-    return markdown_table(["engine", "first step s", "prep/fwd/bwd/opt s", "steady step ms (median)",
-                           "first / steady"], rows)
+                     f"{s['optimizer_s']:.2f}", tune, st, f"{1e3 * s['step_s'] / st:.1f}x" if st else None])
+    return markdown_table(["engine", "first step s", "prep/fwd/bwd/opt s", "Triton compile+autotune",
+                           "steady step ms (median)", "first / steady"], rows)
 
 
 def extras_tables(payload):
@@ -866,8 +869,11 @@ def measure(args, setup, info, device_name, notes, load):
     def step(label, engine, batch, drop, seeds, shp=shape, reverse=None):
         s = one_step(engine, batch, setup, drop, seeds, shp, dtype, host_check, reverse)
         if label not in first:  # the engine's first step: compile, autotune, lazy set-up
-            first[label] = s
-            print(f"first step of {label}: {s['step_s']:.2f} s", flush=True)
+            tune = kernels.autotune_report(reset=True)  # this engine's first-call kernel costs
+            first[label] = {**s, "autotune_s": tune["seconds"], "autotune_keys": tune["keys"],
+                            "autotune_tuned": tune["tuned"], "autotune_disk": tune["disk"]}
+            print(f"first step of {label}: {s['step_s']:.2f} s; "
+                  f"{kernels.format_autotune_report(tune)}", flush=True)
             write_outputs(payload, args.out)
         return s
 

@@ -230,6 +230,11 @@ def check(opts):
             res[name] = one(s["engines"][name], s["batch"], seeds, args, s["weights"], s["dtype"],
                             s["host_check"], s["norms"](name))
             payload[name] = res[name]
+            if name == "fused":  # what its first step spent compiling and autotuning the kernels
+                import kernels
+                payload["autotune"] = {k: v for k, v in kernels.autotune_report(reset=True).items()
+                                       if k != "entries"}
+                print(kernels.format_autotune_report(payload["autotune"]), flush=True)
             print(f"{name}: losses {res[name]['losses']}, grad norms {res[name]['grad_norms']}, "
                   f"{res[name]['seconds']:.2f} s", flush=True)
             write_json(out, payload)

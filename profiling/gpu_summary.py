@@ -105,6 +105,10 @@ def step_check(d):
     if d.get("first_step_overhead_s") is not None:
         key.append(f"fused first step {d['fused_step_s'][0]:.1f} s against {d['fused_step_s'][-1]:.2f} s "
                    f"later: {d['first_step_overhead_s']:.1f} s of compiles + autotuning")
+    tune = d.get("autotune")
+    if tune and tune.get("keys"):
+        key.append(f"fused first step: Triton compile + autotune {tune['seconds']:.1f} s over {tune['keys']} "
+                   f"kernel keys ({tune['tuned']} tuned, {tune['disk']} from the disk cache)")
     rows = [[c["what"], c["fused"], c["unfused"], c["diff"], c["bound"], "ok" if c["ok"] else "FAIL"]
             for c in d["checks"]]
     cfg = d.get("config", {})
@@ -147,9 +151,16 @@ def bench_train(d):
             key.append(f"drop {r['drop']}: fused {f['tokens_per_s']:.0f} tokens/s vs unfused "
                        f"{u['tokens_per_s']:.0f}: {c['speedup']:.2f}x; fused {mfu}, peak "
                        f"{fmt(f.get('peak_mem_gib'))} GiB (unfused {fmt(u.get('peak_mem_gib'))} GiB)")
-    for k in ("first_step_s", "compile_s", "first_step_compile_s", "autotune_s"):
-        if d.get(k) is not None:
-            key.append(f"bench_train {k}: {fmt(d[k])}")
+    first = (d.get("first_step") or {}).get("fused")
+    if first:
+        tune = (f"; Triton compile + autotune {first['autotune_s']:.1f} s over {first['autotune_keys']} kernel "
+                f"keys ({first['autotune_disk']} from the disk cache)" if first.get("autotune_keys") else "")
+        key.append(f"bench_train fused engine's first step {first['step_s']:.1f} s{tune}")
+    for x in (d.get("extras") or {}).get("rows", []):
+        v = x["vs_base"]["fused"]
+        key.append(f"extras at drop {d['extras'].get('drop')}: reverse {x['reverse']:g}, motion "
+                   f"{'on' if x['motion'] else 'off'}: fused {x['fused']['samples_per_s']:.1f} samples/s, "
+                   f"{v['throughput']:.2f}x the base setting")
     cfg = d.get("config", {})
     note = (f"{cfg.get('preset')}, {cfg.get('frames')} frames x {cfg.get('size')} px, batch {cfg.get('batch')}; "
             f"{d.get('precision')}, {d.get('zero')}; fused {d['variants']['fused']} vs unfused "

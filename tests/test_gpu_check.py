@@ -134,6 +134,12 @@ def test_dry_run_writes_the_layout_that_comes_back(tmp_path):
     assert set(rows) == set(STAGES), rows
     assert sum(rows.values()) <= 420, rows  # the stage budgets: a rerun fits in the lease
     assert "## Key numbers" in text and "bench_train.py --gpu-defaults --drop 0.5 0.1:0.5" in text
+    # every kernel test file runs on the GPU, except the two whose paths need no GPU (CI runs them)
+    kcmd = text.split("## tests_kernels")[1].split("\n## ")[0]
+    assert "env HVFM_AUTOTUNE=off" in kcmd
+    for f in sorted((ROOT / "tests").glob("test_kernels_*.py")) + [ROOT / "tests" / "test_model_triton.py"]:
+        assert (f"tests/{f.name}" in kcmd) == (f.name not in ("test_kernels_compile.py",
+                                                              "test_kernels_autotune.py")), f.name
     with tarfile.open(out / "gpu_check_logs.tar.gz") as tar:
         names = tar.getnames()
         tsv = tar.extractfile("gpu_check_logs/stages.tsv").read().decode()
@@ -222,7 +228,7 @@ def test_summary_reads_the_stages_real_outputs(tmp_path, step_json):
     worst = max(e["triton"] for r in errs["results"] for e in r["errors"].values())
     assert f"kernel max error vs float64, float32: {worst:.2e}" in key
     assert "fused vs unfused first step (module, fp32): PASS" in key
-    assert "ZeRO-2 (2 rank(s)" in key and "attention vit_b_video_self fwd+bwd: triton" in key
+    assert "ZeRO-2 (2 rank(s)" in key and "attention vit_b16_video_keep0.5 fwd+bwd: triton" in key
     assert "tests_sync: 0 passed, 1 failed" in key and "boom: a sync" in text
     assert "one WebVid-10M epoch, drop 0.5 on 1 GPU(s)" in key
     for s in STAGES:
