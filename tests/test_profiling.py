@@ -141,8 +141,12 @@ def test_bench_train_extras_reach_the_model(train_json):
     # each engine's first step (a warm-up step) apart: the two of the run's model, two motion off
     first = d["first_step"]
     assert list(first) == ["fused", "unfused", "fused, motion off", "unfused, motion off"]
-    assert first["fused"] == d["results"][0]["warmup_log"]["fused"][0]
-    assert first["fused, motion off"] == rows[(1.0, False)]["warmup_log"]["fused"][0]
+    tune = ("autotune_s", "autotune_keys", "autotune_tuned", "autotune_disk")  # + Triton's first-call costs
+    assert {k: v for k, v in first["fused"].items() if k not in tune} == d["results"][0]["warmup_log"]["fused"][0]
+    assert {k: v for k, v in first["fused, motion off"].items() if k not in tune} == \
+        rows[(1.0, False)]["warmup_log"]["fused"][0]
+    # no Triton kernel on a CPU path (torch-varlen / sdpa): nothing compiled or tuned, and said so
+    assert all(s["autotune_keys"] == 0 and s["autotune_s"] == 0 for s in first.values())
     assert all(positive(s["step_s"]) for s in first.values())
     md = (train_json.parent / "bench_train.md").read_text()
     assert "The extras at drop 0.5" in md and "fused samples/s vs base" in md
