@@ -110,6 +110,10 @@ def test_built_wheels_are_the_list_and_under_60_mib():
     names = {norm(p.name.split("-")[0]) for p in found}
     listed = {norm(w.split("==")[0]) for w in wheels("--list")}
     assert names <= listed and listed - names <= {"decord"}, (names, listed)  # --no-decord drops it
+    # what travels to the device machine (tracked files + the carried .whl) stays under its 64 MiB
+    tracked = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout
+    tree = sum((ROOT / f).stat().st_size for f in tracked.decode().split("\0") if f and (ROOT / f).is_file())
+    assert tree + total < 64 * 2 ** 20, f"{(tree + total) / 2 ** 20:.1f} MiB would travel"
 
 
 def dry_run(out):
