@@ -33,6 +33,8 @@ import time
 import triton
 from triton.runtime.autotuner import Autotuner
 
+from ._config import cuda_index
+
 CACHE_ENV = "HVFM_AUTOTUNE_CACHE"
 SEARCH_ENV = "HVFM_AUTOTUNE"  # "off": no search, each call takes its first candidate
 _RECORDS: list[dict] = []
@@ -60,16 +62,13 @@ def search_off() -> bool:
 def device_name(named_args) -> str:
     """Name and capability of the first CUDA tensor's device ('cpu' without one)."""
     import torch
-    for v in named_args.values():
-        if isinstance(v, torch.Tensor):
-            if v.device.type != "cuda":
-                return "cpu"
-            idx = v.device.index if v.device.index is not None else torch.cuda.current_device()
-            if idx not in _DEVICE_NAMES:
-                major, minor = torch.cuda.get_device_capability(idx)
-                _DEVICE_NAMES[idx] = f"{torch.cuda.get_device_name(idx)} (sm_{major}{minor})"
-            return _DEVICE_NAMES[idx]
-    return "cpu"
+    idx = cuda_index(named_args)
+    if idx is None:
+        return "cpu"
+    if idx not in _DEVICE_NAMES:
+        major, minor = torch.cuda.get_device_capability(idx)
+        _DEVICE_NAMES[idx] = f"{torch.cuda.get_device_name(idx)} (sm_{major}{minor})"
+    return _DEVICE_NAMES[idx]
 
 
 def config_spec(cfg) -> dict:

@@ -95,19 +95,28 @@ def family_of_arch(arch: int) -> str:
     return arch_family(divmod(arch, 10))
 
 
-def device_family(named_args) -> str:
-    """Arch family of the first CUDA tensor among a launch's arguments (cached per device, no
-    sync: a device-properties query); 'sm80' for CPU tensors (the interpreter)."""
+def cuda_index(named_args):
+    """The CUDA device index of the first tensor among a launch's arguments; None when that
+    tensor is on the CPU (the interpreter) or there is none."""
     import torch
     for v in named_args.values():
         if isinstance(v, torch.Tensor):
             if v.device.type != "cuda":
-                return "sm80"
-            idx = v.device.index if v.device.index is not None else torch.cuda.current_device()
-            if idx not in _CAPABILITY:
-                _CAPABILITY[idx] = arch_family(torch.cuda.get_device_capability(idx))
-            return _CAPABILITY[idx]
-    return "sm80"
+                return None
+            return v.device.index if v.device.index is not None else torch.cuda.current_device()
+    return None
+
+
+def device_family(named_args) -> str:
+    """Arch family of the first CUDA tensor among a launch's arguments (cached per device, no
+    sync: a device-properties query); 'sm80' for CPU tensors (the interpreter)."""
+    import torch
+    idx = cuda_index(named_args)
+    if idx is None:
+        return "sm80"
+    if idx not in _CAPABILITY:
+        _CAPABILITY[idx] = arch_family(torch.cuda.get_device_capability(idx))
+    return _CAPABILITY[idx]
 
 
 class _Table:
