@@ -30,6 +30,11 @@ dim 128, bytes stored+loaded): forward 64x128 and 128x64 at 4 warps (120-264), d
 8 warps (48-72: kept for head dim 64), 64x64 at 4 warps (112-320) and 16x128 at 4 warps (~2.6 KB),
 dQ 128x128 at 8 warps (152-176) and 32x128 at 4 warps (64); forward 128x128 at 8 warps sits at
 248-255 registers at head dim 128, so it too is offered for head dim 64 only.
+
+Triton 3.6.0 (the lent GPU machine's; its own ptxas), the same check: all sm_90 variants are
+clean; six sm_80 dK/dV variants, causal only, sit at 255 registers and spill 12-36 bytes
+(store+load): 64x32 at 4 warps and 128x32 at 8 warps at head dim 128, 32x64 at 8 warps at head
+dim 64, bf16 and fp16 alike. Kept: a few bytes, on A100s with that Triton only.
 """
 from __future__ import annotations
 
