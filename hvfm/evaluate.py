@@ -79,8 +79,8 @@ if __package__ in (None, ""):
 from hvfm.data import DataError, build_loader, read_annotations, tokenize  # noqa: E402,F401
 from hvfm.data.eval_data import (ClipDataset, EvalClipDataset, EvalCollator,  # noqa: E402,F401
                                  clip_batches, detect_format, missing_videos,
-                                 read_multiple_choice, subset_annotations)
-from hvfm.data.text import clean_caption  # noqa: E402
+                                 read_eval_annotations, read_multiple_choice, subset_annotations)
+from hvfm.data.text import clean_caption  # noqa: E402,F401
 from hvfm.data.transform import prepare_batch  # noqa: E402  # device transform
 # The pure metrics live in hvfm.metrics; imported here for this module and re-exported for the
 # callers that import them from hvfm.evaluate.
@@ -479,13 +479,35 @@ def _init_distributed():
     return True
 
 
+def _report_format(ann):
+    """One line naming the detected format and what was read; one warning line when the video
+    files were found in more than one way (or some not at all)."""
+    from hvfm.data.formats import FORMATS
+    what = (f"{ann.num_videos} questions, {len(ann)} options" if ann.task == "multiple_choice"
+            else f"{ann.num_videos} videos, {len(ann)} captions, {ann.merged} entries merged into "
+                 f"an earlier entry of the same video")
+    protocol = ("multiple choice (accuracy over the options)" if ann.task == "multiple_choice"
+                else "paragraph-to-video retrieval" if ann.paragraph else "retrieval")
+    note = f"; {ann.note}" if ann.note else ""
+    ways = ann.found
+    counts = ", ".join(f"{n} as {way}" if way != "not found" else f"{n} not found"
+                       for way, n in ways.items())
+    files = f"; video files: {counts}" if counts else ""
+    print(f"format: {ann.format}, {FORMATS.get(ann.format, ann.format)}: {what}; {protocol}"
+          f"{note}{files}", file=sys.stderr, flush=True)
+    if len([w for w in ways if w != "not found"]) > 1:
+        _warn(f"{ann.source}: video files under {ann.root} found in more than one way: {counts}")
+
+
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(prog="python -m hvfm.evaluate", description=__doc__.split("\n")[0])
     ap.add_argument("--checkpoint", required=True,
                     help="OUTPUT_DIR/final, OUTPUT_DIR/checkpoints (or a tag folder), OUTPUT_DIR, "
                          "or an HF CLIP folder")
-    ap.add_argument("--ann", required=True, help='JSON list of {"video", "caption"} (retrieval) or '
-                                                 '{"video", "options", "answer"} (multiple choice)')
+    ap.add_argument("--ann", required=True,
+                    help="annotation file, its format detected from its content: MSR-VTT CSVs or "
+                         "MSRVTT_data.json, DiDeMo, ActivityNet Captions, UMT / Singularity / "
+                         "VINDLU lists (retrieval or multiple choice), JSON Lines, WebVid CSV")
     ap.add_argument("--video-root", required=True)
     ap.add_argument("--tag", help="DeepSpeed checkpoint tag (default: the 'latest' file's)")
     ap.add_argument("--frames", type=int, default=8)
@@ -498,8 +520,12 @@ def parse_args(argv=None):
     ap.add_argument("--pool", choices=("auto", "joint", "mean"), default="auto",
                     help="frames in one sequence (joint) or each frame as an image, embeddings "
                          "averaged (mean); auto: mean for a plain CLIP folder, else joint")
-    ap.add_argument("--paragraph", action="store_true",
-                    help="join a video's caption list into one paragraph (DiDeMo, ActivityNet)")
+    ap.add_argument("--paragraph", action=argparse.BooleanOptionalAction, default=None,
+                    help="join a video's sentences into one paragraph (default: on for DiDeMo and "
+                         "ActivityNet files, the literature's paragraph-to-video protocol; off "
+                         "otherwise); --no-paragraph scores each sentence")
+    ap.add_argument("--split", default="test",
+                    help="the split of an MSRVTT_data.json (train, validate, test; default test)")
     ap.add_argument("--eval-drop-ratio", default=None, help="drop patches at test time too")
     ap.add_argument("--views", type=int, default=1,
                     help="average the similarity over N random drops (needs --eval-drop-ratio)")
@@ -534,19 +560,19 @@ def run(args):
     if args.frames < 1:
         raise DataError(f"--frames {args.frames}: give at least one frame")
     _check_options(args.views, args.eval_drop_ratio, args.rerank_k, args.rerank_score)
-    fmt = detect_format(args.ann)
-    if fmt == "mc":
-        ann, answers = read_multiple_choice(args.ann, args.video_root)
-    else:
-        ann = read_annotations(args.ann, args.video_root, paragraph=args.paragraph,
-                               clean=clean_caption)
+    ann, answers = read_eval_annotations(args.ann, args.video_root, paragraph=args.paragraph,
+                                         split=args.split)
+    fmt = "mc" if answers is not None else "retrieval"
+    if dist_info()[0] == 0:
+        _report_format(ann)
     model, tokenizer, kind, info = load_checkpoint(args.checkpoint, args.attn, args.tag,
                                                    with_info=True, max_frames=args.frames)
     if args.frames > model.video.max_frames:
         raise DataError(f"--frames {args.frames}: the model's temporal embedding has "
                         f"{model.video.max_frames} frames")
     out = {"checkpoint": str(args.checkpoint), "kind": kind, "ann": str(args.ann),
-           "video_root": str(args.video_root), "task": "multiple_choice" if fmt == "mc" else "retrieval"}
+           "video_root": str(args.video_root), "format": ann.format,
+           "task": "multiple_choice" if fmt == "mc" else "retrieval", "merged": ann.merged}
     if info.get("tag"):
         out["tag"] = info["tag"]
     merge = {"merge_alpha": None}
@@ -569,7 +595,9 @@ def run(args):
         metrics = evaluate(model, tokenizer, ann, dump_scores=args.dump_scores,
                            rerank_k=args.rerank_k, rerank_score=args.rerank_score, dsl=args.dsl,
                            dsl_temp=args.dsl_temp, **common)
-        metrics["paragraph"] = bool(args.paragraph)
+        metrics["paragraph"] = bool(ann.paragraph)
+        if ann.format == "msrvtt_json":
+            metrics["split"] = args.split
     return {**out, **metrics, "size": size, **merge, "attn": args.attn, "dtype": args.dtype,
             "world_size": dist_info()[1]}
 

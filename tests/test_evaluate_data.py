@@ -130,5 +130,5 @@ def test_multiple_choice_file_and_format_detection(corpus, tmp_path):
     assert detect_format(csv) == "retrieval"
     odd = tmp_path / "odd.json"
     odd.write_text('[{"video": "a.mp4"}]')
-    with pytest.raises(DataError, match=r"odd\.json: entry 0 has neither"):
+    with pytest.raises(DataError, match=r"odd\.json: fits none of the annotation formats.*list_mc"):
         detect_format(odd)

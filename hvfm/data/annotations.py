@@ -8,6 +8,9 @@ WebVid CSV: columns `videoid, contentUrl, duration, page_dir, name`; the video i
 `ROOT/{page_dir}/{videoid}.mp4` or `ROOT/{videoid}.mp4`, whichever exists. The layout is detected
 on the first rows; each sample still tries the other layout when its file is not where expected.
 
+Every other public format (MSR-VTT, DiDeMo, ActivityNet, UMT / Singularity lists, JSON Lines) is
+detected from the file's content by `hvfm.data.formats` and read by `read_annotations`.
+
 JSON: `[{"video": rel_path, "caption": str | [str, ...]}, ...]` (or `"image"` for a still, read
 as a one-frame clip). A caption list means several
 captions for the video (one training pair each), or with `paragraph=True` one paragraph
@@ -110,6 +113,11 @@ class Annotations:
         # (rank, world_size, rows): this object holds only the data rows i with i % world_size ==
         # rank of a file of `rows` data rows (a CSV read for one rank); None: all of it.
         self.shard = shard
+        # what read_annotations found: the file's format (hvfm.data.formats), the task, whether
+        # sentences were joined into paragraphs, how many entries were merged into an earlier
+        # entry of the same video, {way: count} of how the video files were found, a note
+        self.format, self.task, self.paragraph, self.merged = None, "retrieval", False, 0
+        self.found, self.note = {}, ""
 
     @property
     def num_videos(self):
@@ -194,7 +202,7 @@ def read_webvid_csv(path, video_root, clean=None, rank=0, world_size=1):
     if not (isinstance(world_size, int) and world_size >= 1 and 0 <= rank < world_size):
         raise ValueError(f"{path}: rank {rank!r} of world size {world_size!r} is not a valid shard")
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
-    with open(path, newline="", encoding="utf-8") as f:
+    with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: a byte-order mark is dropped
         reader = csv.reader(f)
         header = next(reader, None)
         if header is None:
@@ -290,9 +298,90 @@ def read_json(path, video_root, paragraph=False, clean=None):
     return Annotations(path, root, videos, captions, extra=extra)
 
 
-def read_annotations(path, video_root, paragraph=False, clean=None, rank=0, world_size=1):
-    """A WebVid CSV (by its .csv suffix) or a JSON list, whichever `path` is. A CSV is read for
-    one rank when world_size > 1 (see `read_webvid_csv`); a JSON list is always read whole."""
-    if os.fspath(path).lower().endswith(".csv"):
-        return read_webvid_csv(path, video_root, clean=clean, rank=rank, world_size=world_size)
-    return read_json(path, video_root, paragraph=paragraph, clean=clean)
+def read_annotations(path, video_root, paragraph=False, clean=None, rank=0, world_size=1,
+                     split=None):
+    """The annotation file `path` in whichever format its content is (`hvfm.data.formats`): a
+    WebVid CSV streamed (for one rank when world_size > 1, see `read_webvid_csv`), any other
+    retrieval format read whole. The entries of one video become one video with all its
+    sentences (`merged` counts the entries folded into an earlier one); the video files are found
+    as the release names them (`find_videos`). `paragraph`: join each video's sentences into one
+    (None: the format's protocol, paragraphs for DiDeMo and ActivityNet). `split`: the
+    MSRVTT_data.json split (default test). A multiple-choice file is a DataError here (its reader
+    is `hvfm.data.eval_data.read_multiple_choice`)."""
+    from .formats import PARAGRAPH_FORMATS, detect, parse
+
+    path = check_file(path)
+    found = detect(path)
+    if found.format == "webvid_csv":
+        ann = read_webvid_csv(path, video_root, clean=clean, rank=rank, world_size=world_size)
+        ann.format, ann.task, ann.paragraph = found.format, "retrieval", False
+        return ann
+    if found.task != "retrieval":
+        raise DataError(f"{path}: a multiple-choice file ({found.description}); it is scored by "
+                        f"python -m hvfm.evaluate as multiple choice, not read as video-text pairs")
+    root = check_root(video_root, path)
+    parsed = parse(path, found, split)
+    if paragraph is None:
+        paragraph = parsed.format in PARAGRAPH_FORMATS
+    names, captions, extra = [], [], []
+    where = {}
+    for name, caps, ex in parsed.records:
+        if name in where:
+            captions[where[name]].extend(caps)
+            continue
+        where[name] = len(names)
+        names.append(name)
+        captions.append(list(caps))
+        extra.append(ex)
+    merged = len(parsed.records) - len(names)
+    if paragraph:
+        captions = [[" ".join(c.strip() for c in caps)] for caps in captions]
+    if clean:
+        captions = [[clean(c) for c in caps] for caps in captions]
+    videos, ways = find_videos(root, names, parsed.naming)
+    ann = Annotations(path, root, videos, captions, extra=extra)
+    ann.format, ann.task, ann.paragraph, ann.merged = parsed.format, "retrieval", bool(paragraph), merged
+    ann.found, ann.note = ways, parsed.note
+    return ann
+
+
+def find_videos(root, names, naming):
+    """(relative path of each video, {way: count}): each name tried as `formats.candidates`
+    lists, then under another extension (one listing of ROOT and ROOT/all); a video found
+    nowhere keeps its first candidate (the evaluator reports it missing), counted "not found"."""
+    from .formats import candidates, stems
+
+    root = Path(root)
+    listing = None
+    out, ways = [], {}
+    for name in names:
+        cands = candidates(name, naming)
+        hit = next(((label, rel) for label, rel in cands if (root / rel).is_file()), None)
+        if hit is None:
+            if listing is None:
+                listing = _stem_listing(root)
+            for stem in stems(name, naming):
+                for sub in ("", "all/"):
+                    if sub + stem in listing:
+                        rel = listing[sub + stem]
+                        hit = (f"{sub}other extension ({Path(rel).suffix})", rel)
+                        break
+                if hit:
+                    break
+        label, rel = hit or ("not found", cands[0][1])
+        ways[label] = ways.get(label, 0) + 1
+        out.append(rel)
+    return out, ways
+
+
+def _stem_listing(root):
+    """{"[all/]stem": relative path} of the files in ROOT and ROOT/all (the first of a stem)."""
+    listing = {}
+    for sub in ("", "all/"):
+        folder = root / sub
+        if not folder.is_dir():
+            continue
+        for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+            if entry.is_file() and "." in entry.name:
+                listing.setdefault(sub + entry.name.rsplit(".", 1)[0], sub + entry.name)
+    return listing

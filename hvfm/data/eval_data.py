@@ -10,19 +10,21 @@ evaluation adds:
 - the batch also lists the video indices it holds ("videos"); a batch whose clips all failed has
   "videos" == [] and "pixels" None.
 
-Annotation files: retrieval files are read by `hvfm.data.read_annotations`; multiple-choice files
-(`[{"video", "options": [...], "answer": index}]`, MSR-VTT MC style) by `read_multiple_choice`;
-`detect_format` tells the two apart from the first entry's keys.
+Annotation files: `read_eval_annotations` reads any of them, the format detected from the content
+(`hvfm.data.formats`): retrieval files by `hvfm.data.read_annotations`, multiple-choice files
+(`[{"video", "options" | "caption": [...], "answer": index}]`, MSR-VTT MC) by
+`read_multiple_choice`.
 """
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-from .annotations import Annotations, check_file, check_root, read_json_list
+from .annotations import Annotations, check_file, check_root, find_videos, read_annotations
 from .dataset import Collator, VideoTextDataset, worker_init
 from .decode import DecodeError
 from .errors import DataError
+from .formats import detect, parse
 from .text import clean_caption
 
 LOADER_TIMEOUT = 300  # seconds without a batch from the workers before the loader gives up
@@ -103,9 +105,12 @@ def clip_batches(ann, videos, frames, size, batch_size, workers, tokenizer):
 def subset_annotations(ann, keep):
     """The annotation restricted to the videos `keep` (sorted indices), captions in order."""
     keep = [int(v) for v in keep]
-    return Annotations(ann.source, ann.root, [ann.videos[v] for v in keep],
-                       [ann.captions_of(v) for v in keep], [ann.alt_videos[v] for v in keep],
-                       extra=[ann.extra[v] for v in keep] if ann.extra else [], dropped=ann.dropped)
+    out = Annotations(ann.source, ann.root, [ann.videos[v] for v in keep],
+                      [ann.captions_of(v) for v in keep], [ann.alt_videos[v] for v in keep],
+                      extra=[ann.extra[v] for v in keep] if ann.extra else [], dropped=ann.dropped)
+    for k in ("format", "task", "paragraph", "merged", "found", "note"):
+        setattr(out, k, getattr(ann, k))
+    return out
 
 
 def missing_videos(ann):
@@ -113,45 +118,34 @@ def missing_videos(ann):
     return [v for v in range(ann.num_videos) if not ann.resolve(v).exists()]
 
 
-def _read_json_list(path):
-    return read_json_list(path, '{"video", "caption"} or {"video", "options", "answer"} entries')
-
-
 def read_multiple_choice(path, video_root, clean=clean_caption):
-    """(Annotations whose captions are each question's options, answers) of a JSON list of
-    {"video", "options": [text, ...], "answer": index}."""
+    """(Annotations whose captions are each question's options, answers) of a multiple-choice
+    file: a JSON list (or JSON Lines) of {"video", "options": [text, ...], "answer": index}, or
+    UMT / Singularity's {"video", "caption": [options], "answer"}. Video names are found as the
+    list names them (`NAME.mp4` for a bare name, also under all/)."""
     path = check_file(path)
     root = check_root(video_root, path)
-    entries = _read_json_list(path)
-    videos, options, answers, extra = [], [], [], []
-    for i, e in enumerate(entries):
-        if not isinstance(e, dict) or not {"video", "options", "answer"} <= set(e):
-            raise DataError(f'{path}: entry {i} lacks "video", "options" or "answer"; a multiple-'
-                            f'choice entry needs all three')
-        opts = e["options"]
-        if not isinstance(opts, list) or len(opts) < 2 or not all(isinstance(o, str) for o in opts):
-            raise DataError(f'{path}: entry {i} ("{e["video"]}"): "options" must be a list of at '
-                            f'least two texts')
-        a = e["answer"]
-        if isinstance(a, bool) or not isinstance(a, int) or not 0 <= a < len(opts):
-            raise DataError(f'{path}: entry {i} ("{e["video"]}"): "answer" must be an option '
-                            f'index in [0, {len(opts)}), got {a!r}')
-        videos.append(str(e["video"]))
-        options.append([clean(o) if clean else o for o in opts])
-        answers.append(a)
-        extra.append({k: v for k, v in e.items() if k not in ("video", "options", "answer")})
-    return Annotations(path, root, videos, options, extra=extra), np.array(answers, np.int64)
+    found = detect(path)
+    if found.task != "multiple_choice":
+        raise DataError(f"{path}: {found.description} is a retrieval file, not multiple choice")
+    parsed = parse(path, found)
+    names = [r[0] for r in parsed.records]
+    videos, ways = find_videos(root, names, parsed.naming)
+    options = [[clean(o) if clean else o for o in r[1]] for r in parsed.records]
+    ann = Annotations(path, root, videos, options, extra=[r[3] for r in parsed.records])
+    ann.format, ann.task, ann.found = parsed.format, "multiple_choice", ways
+    return ann, np.array([r[2] for r in parsed.records], np.int64)
+
+
+def read_eval_annotations(path, video_root, paragraph=None, split=None, clean=clean_caption):
+    """(Annotations, answers) of any evaluation file, its format detected from its content:
+    answers None for retrieval, the right option of each question for multiple choice.
+    `paragraph` None: the format's protocol (paragraph-to-video for DiDeMo and ActivityNet)."""
+    if detect(check_file(path)).task == "multiple_choice":
+        return read_multiple_choice(path, video_root, clean=clean)
+    return read_annotations(path, video_root, paragraph=paragraph, clean=clean, split=split), None
 
 
 def detect_format(path):
-    """"retrieval" or "mc" from the first entry's keys (a .csv is a WebVid retrieval file)."""
-    path = check_file(path)
-    if str(path).lower().endswith(".csv"):
-        return "retrieval"
-    first = _read_json_list(path)[0]
-    if isinstance(first, dict) and "options" in first:
-        return "mc"
-    if isinstance(first, dict) and "caption" in first:
-        return "retrieval"
-    raise DataError(f'{path}: entry 0 has neither "caption" (retrieval) nor "options" (multiple '
-                    f'choice); expected {{"video", "caption"}} or {{"video", "options", "answer"}}')
+    """"retrieval" or "mc", from the file's content (`hvfm.data.formats.detect`)."""
+    return "mc" if detect(check_file(path)).task == "multiple_choice" else "retrieval"
