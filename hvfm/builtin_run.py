@@ -49,13 +49,15 @@ def prepare_data(args, out_dir, rank):
     elif args.train_shards:  # their captions (lazy: read only if a tokenizer must be trained)
         from hvfm.data.shards import shard_captions
         train = shard_captions(args.train_shards)
-    elif args.train_csv:  # column-wise, this rank's rows only (a WebVid CSV has millions)
+    elif args.train_csv:  # a WebVid CSV column-wise, this rank's rows only (it has millions)
         train = read_annotations(args.train_csv, args.video_root, clean=clean_caption,
-                                 rank=rank, world_size=dist.get_world_size())
-    else:
-        train = read_annotations(args.train_json, args.video_root, clean=clean_caption)
-    if args.eval_json:
-        evaluation = read_annotations(args.eval_json, args.eval_video_root, clean=clean_caption)
+                                 rank=rank, world_size=dist.get_world_size(), split="train")
+    else:  # any format hvfm.data.formats detects; every video with all its sentences
+        train = read_annotations(args.train_json, args.video_root, clean=clean_caption,
+                                 split="train")
+    if args.eval_json:  # the benchmark's protocol: paragraphs for DiDeMo / ActivityNet
+        evaluation = read_annotations(args.eval_json, args.eval_video_root, clean=clean_caption,
+                                      paragraph=None)
     tok_dir = args.tokenizer
     if tok_dir_needed(args):
         if builtin:  # one tokenizer for both built-in corpora; it travels with the image CLIP

@@ -66,8 +66,10 @@ def parse_args(argv=None):
                    help="auto: the DeepSpeed config's if it states one, else bf16 on a GPU and "
                         "the faster of bf16/fp32 on a CPU")
     d = ap.add_argument_group("data (default: the built-in synthetic corpus)")
-    d.add_argument("--train-csv", help="WebVid CSV (videoid,contentUrl,duration,page_dir,name)")
-    d.add_argument("--train-json", help='JSON list of {"video", "caption"}')
+    d.add_argument("--train-csv", help="WebVid CSV (videoid,contentUrl,duration,page_dir,name), or "
+                                       "MSR-VTT's MSRVTT_train.9k.csv / 7k (format from content)")
+    d.add_argument("--train-json", help='JSON list of {"video", "caption"}, or any release file '
+                                        'python -m hvfm.evaluate reads (format from content)')
     d.add_argument("--train-shards", help="tar shards written by `python -m hvfm.data.prepare`: "
                                           "a folder or a brace pattern DIR/{000000..000099}.tar")
     d.add_argument("--video-root", help="folder the training videos are under")

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import DataError
+from .formats import PARAGRAPH_FORMATS, candidates, detect, parse, stems
 
 WEBVID_COLUMNS = ("videoid", "contentUrl", "duration", "page_dir", "name")
 REQUIRED_WEBVID_COLUMNS = ("videoid", "name")  # page_dir is optional: ROOT/{videoid}.mp4
@@ -308,8 +309,6 @@ def read_annotations(path, video_root, paragraph=False, clean=None, rank=0, worl
     (None: the format's protocol, paragraphs for DiDeMo and ActivityNet). `split`: the
     MSRVTT_data.json split (default test). A multiple-choice file is a DataError here (its reader
     is `hvfm.data.eval_data.read_multiple_choice`)."""
-    from .formats import PARAGRAPH_FORMATS, detect, parse
-
     path = check_file(path)
     found = detect(path)
     if found.format == "webvid_csv":
@@ -349,8 +348,6 @@ def find_videos(root, names, naming):
     """(relative path of each video, {way: count}): each name tried as `formats.candidates`
     lists, then under another extension (one listing of ROOT and ROOT/all); a video found
     nowhere keeps its first candidate (the evaluator reports it missing), counted "not found"."""
-    from .formats import candidates, stems
-
     root = Path(root)
     listing = None
     out, ways = [], {}

@@ -146,13 +146,24 @@ def _jsonl_entry(e):
     return out
 
 
+def _head(path, size=1 << 16):
+    """The file's first `size` bytes as text (a byte-order mark dropped): a CSV is detected from
+    its header alone, never read whole here (a WebVid CSV has millions of rows)."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(size)
+    except OSError as e:
+        raise DataError(f"{path}: cannot read the annotation file ({e.strerror})") from None
+    return raw.decode("utf-8-sig", errors="replace")
+
+
 def detect(path):
     """The format `path` fits, from its content (not its name)."""
-    text = read_text(path)
-    head = text.lstrip()
+    head = _head(path).lstrip()
     if not head:
         raise DataError(f"{path}: annotation file is empty; it needs at least one video")
     if head[0] in "[{":
+        text = read_text(path)
         try:
             obj = json.loads(text)
         except json.JSONDecodeError as e:
@@ -319,7 +330,8 @@ def parse(path, detected, split=None):
         if missing:
             raise DataError(f"{path}: video {missing[0]} of split {split} has no sentence "
                             f"({len(missing)} such)")
-        return Parsed(fmt, "retrieval", "msrvtt", [(v, sentences[v], {}) for v in ids],
+        # one record per sentence, as the file lists them: merged into one video each later
+        return Parsed(fmt, "retrieval", "msrvtt", [(v, [c], {}) for v in ids for c in sentences[v]],
                       note=f"split {split}: {len(ids)} of {len(splits)} videos")
     text = read_text(path)
     rows = _csv_rows(path, text)
