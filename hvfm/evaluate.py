@@ -17,11 +17,20 @@ as an image and averages the normalised frame embeddings (CLIP4Clip's zero-shot 
 `--pool joint` (the default for hvfm models) encodes all frames' patches in one sequence, as hvfm
 trains (a CLIP folder then has a zero temporal embedding).
 
-The annotation format is detected from the first entry's keys:
+The annotation file's format is detected from its content (`hvfm.data.formats`) and named in one
+line on stderr: MSR-VTT's JSFUSION / 9k / 7k CSVs and MSRVTT_data.json (`--split`, default test),
+UMT / Singularity / VINDLU lists (retrieval, or multiple choice with "answer"), DiDeMo's
+LocalizingMoments JSON, ActivityNet Captions' dict, JSON Lines, WebVid CSVs; hvfm's own lists:
 - retrieval: `[{"video", "caption"}]`; a caption list is several captions of the video (a
   video-to-text query counts a hit when any of them ranks high enough), or with `--paragraph`
-  one paragraph (DiDeMo / ActivityNet style: the list joined with spaces). A WebVid CSV works too.
-- multiple choice: `[{"video", "options": [...], "answer": index}]` (MSR-VTT MC style).
+  one paragraph (the list joined with spaces). Entries of one video are merged into one gallery
+  entry (`merged` in the output). DiDeMo and ActivityNet files are scored paragraph-to-video by
+  default (`--no-paragraph`: each sentence).
+- multiple choice: `[{"video", "options": [...], "answer": index}]` (MSR-VTT MC style), scored as
+  accuracy over the options, never as retrieval.
+A file that fits no format, or two, fails in one line naming the formats. Video files are found
+as the releases name them (videoNNNN.mp4, DiDeMo's own extensions, v_ID.mp4 or ID.mp4, also
+under all/); one warning line counts each way when they were found in more than one.
 
 Scores. Similarity = cosine of the L2-normalised projected embeddings, averaged over `--views`
 random patch drops when `--eval-drop-ratio` is given (each view seeded from --seed, the view and

@@ -319,3 +319,57 @@ def test_a_file_that_fits_no_format_or_two_is_one_line(env, tmp_path, capsys, na
     assert str(path) in lines[0] and words in lines[0]
     for f in formats or FORMATS:  # the two it fits, or every format hvfm reads
         assert f in lines[0], f
+
+
+# ---------------------------------------------------------------------------- fine-tuning data
+
+def test_trainer_reads_the_9k_split_and_evaluates_with_the_protocol(env, tmp_path, monkeypatch):
+    """The trainer's --train-csv / --train-json take MSR-VTT's 9k CSV (each video with all its
+    sentences, one training pair each) and --eval-json a DiDeMo file (paragraphs), as the README's
+    fine-tuning command gives them."""
+    import torch.distributed as dist
+
+    from hvfm.builtin_run import prepare_data
+    from hvfm.config import parse_args
+
+    root = link(tmp_path / "videos", [f"video{i}.mp4" for i in IDS], env["clips"])
+    link(root, FLICKR, env["clips"])
+    write_json(tmp_path / "MSRVTT_data.json", _msrvtt_data(env))
+    nine_k = tmp_path / "MSRVTT_train.9k.csv"
+    nine_k.write_text("video_id\n" + "".join(f"video{i}\n" for i in IDS))
+    didemo = write_json(tmp_path / "test_data.json", _didemo(env))
+    monkeypatch.setattr(dist, "get_world_size", lambda *a: 1)
+    monkeypatch.setattr(dist, "barrier", lambda *a: None)
+    for flag in ("--train-csv", "--train-json"):
+        args = parse_args(["--deepspeed", "ds_configs/z2.json", flag, str(nine_k), "--video-root",
+                           str(root), "--tokenizer", str(tmp_path), "--eval-json", str(didemo),
+                           "--eval-video-root", str(root)])
+        train, evaluation, _ = prepare_data(args, tmp_path / "out", 0)
+        assert (train.format, train.num_videos, len(train)) == ("msrvtt_split_csv", 6, 12)
+        assert train.captions_of(2) == [clean_caption(c) for c in env["sentences"][2]]
+        assert train.pair_video.tolist() == np.repeat(np.arange(6), 2).tolist()
+        assert (evaluation.format, evaluation.paragraph, evaluation.num_videos, len(evaluation)) == \
+            ("didemo", True, 6, 6)
+
+
+def test_readme_benchmark_commands_parse():
+    """Every command of the README's Benchmarks section is one the CLIs accept."""
+    import shlex
+
+    from hvfm.config import parse_args as train_args
+    from hvfm.evaluate import parse_args as eval_args
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("## Benchmarks", 1)[1].split("\n## ", 1)[0]
+    commands = [c.replace("\\\n", " ") for block in section.split("```bash")[1:]
+                for c in block.split("```")[0].replace("\\\n", " ").splitlines()
+                if c.strip() and not c.startswith("#")]
+    evals = [shlex.split(c)[3:] for c in commands if c.startswith("python -m hvfm.evaluate")]
+    trains = [shlex.split(c)[4:] for c in commands if c.startswith("deepspeed")]
+    assert len(evals) == 6 and len(trains) == 1
+    for argv in evals:
+        assert eval_args(argv).ann
+    args = train_args(trains[0])
+    assert args.train_csv.endswith("MSRVTT_train.9k.csv") and args.eval_json.endswith(".csv")
+    for name in FORMATS:
+        assert f"`{name}`" in section, name
