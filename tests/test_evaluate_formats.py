@@ -216,7 +216,7 @@ def test_didemo_is_paragraph_to_video(env, tmp_path):
     para = reference(env, tmp_path, on_disk, env["sentences"], root, paragraph=True)
     ann, m = same_numbers(env, tmp_path, path, root, para)  # default: paragraphs
     assert (ann.paragraph, ann.merged, m["captions"]) == (True, 6, 6)
-    assert ann.found == {"NAME.mp4": 3, "as listed (own extension)": 3}
+    assert ann.found == {"NAME.mp4": 3, "listed name (own extension)": 3}
     sent = reference(env, tmp_path, on_disk, env["sentences"], root)
     ann, m = same_numbers(env, tmp_path, path, root, sent, paragraph=False)  # --no-paragraph
     assert (ann.paragraph, m["captions"]) == (False, 12)

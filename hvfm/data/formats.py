@@ -370,13 +370,13 @@ def candidates(name, naming):
         vid = name[2:] if name.startswith("v_") else name
         base = [("v_ID.mp4", f"v_{vid}.mp4"), ("ID.mp4", f"{vid}.mp4")]
     elif naming == "msrvtt":
-        base = [("as listed", name)] if suffix else [("videoNNNN.mp4", f"{name}.mp4")]
+        base = [("listed name", name)] if suffix else [("videoNNNN.mp4", f"{name}.mp4")]
     elif naming == "didemo":
-        base = [("as listed (own extension)", name), ("NAME.ext.mp4", f"{name}.mp4")]
+        base = [("listed name (own extension)", name), ("NAME.ext.mp4", f"{name}.mp4")]
         if suffix and suffix.lower() != ".mp4":
             base.append(("NAME.mp4", str(Path(name).with_suffix(".mp4"))))
     else:
-        base = [("as listed", name)] if suffix else [("NAME.mp4", f"{name}.mp4")]
+        base = [("listed name", name)] if suffix else [("NAME.mp4", f"{name}.mp4")]
     return base + [(f"all/{label}", f"all/{rel}") for label, rel in base]
 
 
