@@ -146,7 +146,7 @@ def prepare(ann_file, video_root, out, size=224, fps=8, shard_size=1000, workers
         raise DataError(f"--size {size}: give an even number of pixels >= 2 (yuv420p)")
     if fps < 1 or shard_size < 1 or workers < 1:
         raise DataError("--fps, --shard-size and --workers must be >= 1")
-    ann = read_annotations(ann_file, video_root)
+    ann = read_annotations(ann_file, video_root, split="train")  # MSRVTT_data.json: train
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise DataError(f"--out {out}: is a file; give a folder for the shards")
