@@ -58,6 +58,11 @@ def prepare_data(args, out_dir, rank):
     if args.eval_json:  # the benchmark's protocol: paragraphs for DiDeMo / ActivityNet
         evaluation = read_annotations(args.eval_json, args.eval_video_root, clean=clean_caption,
                                       paragraph=None)
+    if rank == 0 and not builtin:  # the format each file was read as (hvfm.data.formats)
+        from hvfm.data.annotations import describe
+        for flag, ann in (("train", train), ("eval", evaluation)):
+            if getattr(ann, "format", None):
+                print(f"data ({flag}): {describe(ann)}", flush=True)
     tok_dir = args.tokenizer
     if tok_dir_needed(args):
         if builtin:  # one tokenizer for both built-in corpora; it travels with the image CLIP

@@ -490,22 +490,12 @@ def _init_distributed():
 
 def _report_format(ann):
     """One line naming the detected format and what was read; one warning line when the video
-    files were found in more than one way (or some not at all)."""
-    from hvfm.data.formats import FORMATS
-    what = (f"{ann.num_videos} questions, {len(ann)} options" if ann.task == "multiple_choice"
-            else f"{ann.num_videos} videos, {len(ann)} captions, {ann.merged} entries merged into "
-                 f"an earlier entry of the same video")
-    protocol = ("multiple choice (accuracy over the options)" if ann.task == "multiple_choice"
-                else "paragraph-to-video retrieval" if ann.paragraph else "retrieval")
-    note = f"; {ann.note}" if ann.note else ""
-    ways = ann.found
-    counts = ", ".join(f"{n} as {way}" if way != "not found" else f"{n} not found"
-                       for way, n in ways.items())
-    files = f"; video files: {counts}" if counts else ""
-    print(f"format: {ann.format}, {FORMATS.get(ann.format, ann.format)}: {what}; {protocol}"
-          f"{note}{files}", file=sys.stderr, flush=True)
-    if len([w for w in ways if w != "not found"]) > 1:
-        _warn(f"{ann.source}: video files under {ann.root} found in more than one way: {counts}")
+    files were found in more than one way."""
+    from hvfm.data.annotations import describe, found_counts
+    print(f"format: {describe(ann)}", file=sys.stderr, flush=True)
+    if len([w for w in ann.found if w != "not found"]) > 1:
+        _warn(f"{ann.source}: video files under {ann.root} found in more than one way: "
+              f"{found_counts(ann)}")
 
 
 def parse_args(argv=None):

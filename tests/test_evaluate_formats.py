@@ -109,6 +109,7 @@ def test_msrvtt_jsfusion_csv_is_the_1ka_pairs(env, tmp_path):
     ann, m = same_numbers(env, tmp_path, path, root, ref)
     assert (ann.format, ann.merged, ann.found) == ("msrvtt_csv", 0, {"videoNNNN.mp4": 6})
     assert (m["videos"], m["captions"]) == (6, 6)  # 1k-A: one sentence per video
+    assert ann.note.startswith("6 pairs") and "1,000" in ann.note
     frozen = link(tmp_path / "frozen" / "videos", [f"all/video{i}.mp4" for i in IDS], env["clips"])
     bom = tmp_path / "bom.csv"
     bom.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
@@ -323,7 +324,8 @@ def test_a_file_that_fits_no_format_or_two_is_one_line(env, tmp_path, capsys, na
 
 # ---------------------------------------------------------------------------- fine-tuning data
 
-def test_trainer_reads_the_9k_split_and_evaluates_with_the_protocol(env, tmp_path, monkeypatch):
+def test_trainer_reads_the_9k_split_and_evaluates_with_the_protocol(env, tmp_path, monkeypatch,
+                                                                     capsys):
     """The trainer's --train-csv / --train-json take MSR-VTT's 9k CSV (each video with all its
     sentences, one training pair each) and --eval-json a DiDeMo file (paragraphs), as the README's
     fine-tuning command gives them."""
@@ -350,6 +352,9 @@ def test_trainer_reads_the_9k_split_and_evaluates_with_the_protocol(env, tmp_pat
         assert train.pair_video.tolist() == np.repeat(np.arange(6), 2).tolist()
         assert (evaluation.format, evaluation.paragraph, evaluation.num_videos, len(evaluation)) == \
             ("didemo", True, 6, 6)
+        out = capsys.readouterr().out.splitlines()  # the run says what it read each file as
+        assert [line.split(",")[0] for line in out] == ["data (train): msrvtt_split_csv",
+                                                         "data (eval): didemo"], out
 
 
 def test_readme_benchmark_commands_parse():

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import DataError
-from .formats import PARAGRAPH_FORMATS, candidates, detect, parse, stems
+from .formats import FORMATS, PARAGRAPH_FORMATS, candidates, detect, parse, stems
 
 WEBVID_COLUMNS = ("videoid", "contentUrl", "duration", "page_dir", "name")
 REQUIRED_WEBVID_COLUMNS = ("videoid", "name")  # page_dir is optional: ROOT/{videoid}.mp4
@@ -342,6 +342,27 @@ def read_annotations(path, video_root, paragraph=False, clean=None, rank=0, worl
     ann.format, ann.task, ann.paragraph, ann.merged = parsed.format, "retrieval", bool(paragraph), merged
     ann.found, ann.note = ways, parsed.note
     return ann
+
+
+def found_counts(ann):
+    """"6 as videoNNNN.mp4, 1 not found": how `find_videos` found the files of `ann`."""
+    return ", ".join(f"{n} as {way}" if way != "not found" else f"{n} not found"
+                     for way, n in ann.found.items())
+
+
+def describe(ann):
+    """One line: the format `read_annotations` detected, what it read, the protocol and how the
+    video files were found."""
+    if ann.task == "multiple_choice":
+        what, protocol = (f"{ann.num_videos} questions, {len(ann)} options",
+                          "multiple choice (accuracy over the options)")
+    else:
+        what = (f"{ann.num_videos} videos, {len(ann)} captions, {ann.merged} entries merged into "
+                f"an earlier entry of the same video")
+        protocol = "paragraph-to-video retrieval" if ann.paragraph else "retrieval"
+    note = f"; {ann.note}" if ann.note else ""
+    files = f"; video files: {found_counts(ann)}" if ann.found else ""
+    return f"{ann.format}, {FORMATS.get(ann.format, ann.format)}: {what}; {protocol}{note}{files}"
 
 
 def find_videos(root, names, naming):

@@ -344,7 +344,8 @@ def parse(path, detected, split=None):
             if not vid or not isinstance(sent, str) or not sent.strip():
                 raise DataError(f"{path}: row {i + 1} lacks a video_id or a sentence")
             records.append((vid, [sent.strip()], {k: r[k] for k in ("key", "vid_key") if k in r}))
-        return Parsed(fmt, "retrieval", "msrvtt", records)
+        return Parsed(fmt, "retrieval", "msrvtt", records,
+                      note=f"{len(records)} pairs (MSRVTT_JSFUSION_test.csv, the 1k-A test: 1,000)")
     if fmt == "msrvtt_split_csv":
         data = Path(path).parent / MSRVTT_DATA
         if not data.is_file():
