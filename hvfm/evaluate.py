@@ -4,7 +4,8 @@ Retrieval, multiple choice and temporal accuracy, computed the way the video-lan
 reports them.
 
     python -m hvfm.evaluate --checkpoint CKPT --ann test.json --video-root DIR [--frames 8]
-        [--pool auto|joint|mean] [--paragraph] [--rerank-k K [--rerank-score sum|prob|logit]]
+        [--pool auto|joint|mean] [--paragraph | --no-paragraph] [--split S]
+        [--rerank-k K [--rerank-score sum|prob|logit]]
         [--dsl [--dsl-temp 100]]
         [--mc-by sim|vtm] [--eval-drop-ratio R --views N --seed S]
         [--merge-with-clip ALPHA [--clip DIR]] [--tag TAG] [--dump-scores scores.npy] [--table]

@@ -339,7 +339,7 @@ def read_annotations(path, video_root, paragraph=False, clean=None, rank=0, worl
         captions = [[clean(c) for c in caps] for caps in captions]
     videos, ways = find_videos(root, names, parsed.naming)
     ann = Annotations(path, root, videos, captions, extra=extra)
-    ann.format, ann.task, ann.paragraph, ann.merged = parsed.format, "retrieval", bool(paragraph), merged
+    ann.format, ann.paragraph, ann.merged = parsed.format, bool(paragraph), merged
     ann.found, ann.note = ways, parsed.note
     return ann
 

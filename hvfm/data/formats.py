@@ -182,7 +182,8 @@ def detect(path):
         values = list(obj.values())[:4]
         if values and all(isinstance(v, dict) and "sentences" in v for v in values):
             fits.append("activitynet")
-        return Detected(_fits(path, fits, f"a JSON object with keys {_keys(obj)}"), "retrieval", obj)
+        fmt = _fits(path, fits, f"a JSON object with keys {_keys(obj)}")
+        return Detected(fmt, "retrieval", obj)
     header = next(csv.reader(io.StringIO(head.splitlines()[0])), [])
     header = [h.strip() for h in header]
     fits = []
@@ -350,7 +351,7 @@ def parse(path, detected, split=None):
         data = Path(path).parent / MSRVTT_DATA
         if not data.is_file():
             raise DataError(f"{path}: lists only video ids; their sentences are in {MSRVTT_DATA}, "
-                            f"expected beside it at {data} (CLIP4Clip's msrvtt_data folder has both)")
+                            f"expected beside it at {data} (CLIP4Clip's msrvtt_data has both)")
         sentences, _ = _msrvtt_sentences(data)
         records = []
         for i, r in enumerate(rows):
