@@ -1,5 +1,5 @@
 """The data side of hvfm: annotations -> decoded, sampled, transformed clips + tokenised captions."""
-from .annotations import Annotations, read_annotations, read_json, read_webvid_csv
+from .annotations import Annotations, read_annotations, read_webvid_csv
 from .dataset import Collator, ResumableDistributedSampler, VideoTextDataset, build_loader
 from .decode import DecodeError, decode_clip, sample_indices
 from .errors import DataError
@@ -7,7 +7,7 @@ from .text import MLMMasker, build_tokenizer, clean_caption, load_tokenizer, tok
 from .transforms import VideoTransform
 
 __all__ = [
-    "Annotations", "read_annotations", "read_json", "read_webvid_csv", "Collator",
+    "Annotations", "read_annotations", "read_webvid_csv", "Collator",
     "ResumableDistributedSampler", "VideoTextDataset", "build_loader", "DecodeError",
     "decode_clip", "sample_indices", "DataError", "MLMMasker", "build_tokenizer", "clean_caption",
     "load_tokenizer", "tokenize", "VideoTransform",

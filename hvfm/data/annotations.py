@@ -273,32 +273,6 @@ def read_json_list(path, expected):
     return entries
 
 
-def read_json(path, video_root, paragraph=False, clean=None):
-    """Read a JSON list of {"video", "caption"} entries (MSR-VTT / DiDeMo style)."""
-    path = check_file(path)
-    root = check_root(video_root, path)
-    entries = read_json_list(path, '{"video": path, "caption": text or [texts]}')
-    videos, captions, extra = [], [], []
-    for i, e in enumerate(entries):
-        if isinstance(e, dict) and "video" not in e and "image" in e:  # a still: a one-frame clip
-            e = {"video": e["image"], **{k: v for k, v in e.items() if k != "image"}}
-        if not isinstance(e, dict) or "video" not in e or "caption" not in e:
-            raise DataError(f'{path}: entry {i} lacks "video" (or "image") or "caption"; every '
-                            f'entry needs both')
-        caps = e["caption"]
-        caps = [caps] if isinstance(caps, str) else list(caps)
-        if not caps or not all(isinstance(c, str) for c in caps):
-            raise DataError(f'{path}: entry {i} ("{e["video"]}") has no caption text')
-        if paragraph:
-            caps = [" ".join(c.strip() for c in caps)]
-        if clean:
-            caps = [clean(c) for c in caps]
-        videos.append(str(e["video"]))
-        captions.append(caps)
-        extra.append({k: v for k, v in e.items() if k not in ("video", "caption")})
-    return Annotations(path, root, videos, captions, extra=extra)
-
-
 def read_annotations(path, video_root, paragraph=False, clean=None, rank=0, world_size=1,
                      split=None):
     """The annotation file `path` in whichever format its content is (`hvfm.data.formats`): a
