@@ -104,7 +104,14 @@ def main(argv=None):
     args = ap.parse_args(argv)
     res = Path(args.results)
     train_file = Path(args.train_json or res / "bench_train.json")
-    train = json.loads(train_file.read_text())
+    try:
+        train = json.loads(train_file.read_text())
+    except (OSError, ValueError) as e:
+        sys.exit(f"error: {train_file}: no training rate to project from ({type(e).__name__}); run "
+                 f"profiling/bench_train.py --out {train_file.parent} first, or give --train-json")
+    if not train.get("results"):
+        sys.exit(f"error: {train_file}: bench_train had measured no drop ratio yet "
+                 f"({train.get('progress', 'no progress recorded')}); nothing to project")
     notes = []
     if train.get("partial"):
         notes.append(f"{train_file.name} is partial ({train.get('progress')}): the drop ratios "

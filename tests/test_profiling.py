@@ -337,6 +337,19 @@ def test_bench_data_and_epoch_projection(corpus, train_json, tmp_path):
     assert "epoch h" in (tmp_path / "project_epoch.md").read_text()
 
 
+def test_project_epoch_without_training_rates_is_one_line(tmp_path):
+    """gpu_check runs it after bench_train, which may have written nothing (skipped, or killed
+    before its first row): one error line that names the file, not a traceback."""
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit) as e:
+        project_epoch.main(["--results", str(tmp_path / "empty")])
+    assert str(e.value).startswith("error: ") and "bench_train.json" in str(e.value)
+    (tmp_path / "bench_train.json").write_text(json.dumps({"partial": True, "progress": "set up", "results": []}))
+    with pytest.raises(SystemExit) as e:
+        project_epoch.main(["--train-json", str(tmp_path / "bench_train.json")])
+    assert "measured no drop ratio yet (set up)" in str(e.value)
+
+
 @pytest.mark.slow  # three trainer runs (~60-90 s): the only test of the ablation driver
 def test_ablate_drop_runs_the_studies(corpus, tmp_path):
     cfg = json.loads((ROOT / "ds_configs" / "z2.json").read_text())
