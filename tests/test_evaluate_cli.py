@@ -384,3 +384,9 @@ def test_time_diagnostics_per_kind_in_the_output(env, groups_env, capsys, tmp_pa
             line = next(ln for ln in out.splitlines() if ln.startswith(f"{kind} "))
             assert f"{m[f'{kind}_acc']:.3f} [{lo:.2f}, {hi:.2f}] over 3 groups" in line
             assert "caption spread" in line and "video probe" in line
+        if pool == "joint":  # the built-in run's closing table carries the same intervals
+            from hvfm.builtin_run import comparison_table
+            table = comparison_table({}, {"all_frames": m}, 4)
+            for kind in ("motion", "order"):
+                lo, hi = m[f"{kind}_ci"]
+                assert f"{m[f'{kind}_acc']:.3f} [{lo:.2f}, {hi:.2f}]" in table
