@@ -4,12 +4,13 @@ Frame sampling splits the clip into F equal segments and takes a random frame of
 training, the middle frame when evaluating. One-frame evaluation takes the exact middle of the
 clip, so that an image model cannot read an offset from it: the frame (n - 1) / 2 of an n-frame
 clip when n is odd; when n is even no frame is at the middle (frame n // 2 would lie half a step
-after it, and show where a moving object is going), so the mean of the two middle frames
-n/2 - 1 and n/2 (`take_frames`); the clip played backwards gives the same frame. A clip with
-fewer than F frames gives all its frames (the caller sees fewer frames). Every way a file can be bad -- missing, empty, truncated, garbage,
-not a video, zero frames, a decoder exception -- becomes one `DecodeError` with a short reason, so
-the dataset can count it and move on. decord raises RuntimeError, its own DECORDError, IndexError
-and AssertionError; PyAV raises its own errors: all are caught here.
+after it, and show where a moving object is going), so the mean of the two middle frames n/2 - 1
+and n/2 (`take_frames`); the clip played backwards gives the same frame. A clip with fewer than F
+frames gives all its frames (the caller sees fewer frames). Every way a file can be bad -- missing,
+empty, truncated, garbage, not a video, zero frames, a decoder exception -- becomes one
+`DecodeError` with a short reason, so the dataset can count it and move on. decord raises
+RuntimeError, its own DECORDError, IndexError and AssertionError; PyAV raises its own errors: all
+are caught here.
 
 A decoder that hangs (inside C code, where neither a signal nor a thread can stop it) or crashes
 (a segfault) cannot be handled from inside the process that runs it. `DecoderProcess` therefore runs
