@@ -390,3 +390,21 @@ def test_time_diagnostics_per_kind_in_the_output(env, groups_env, capsys, tmp_pa
             for kind in ("motion", "order"):
                 lo, hi = m[f"{kind}_ci"]
                 assert f"{m[f'{kind}_acc']:.3f} [{lo:.2f}, {hi:.2f}]" in table
+
+
+def test_probe_labels_of_the_synthetic_split_name_the_variant(groups_env):
+    """The probe's label (rank of a caption among its group's) is the same variant in every
+    group: the direction for motion; for order, which of the two objects comes first."""
+    from hvfm.metrics import group_rank_labels
+    entries = groups_env["entries"]
+    for kind in ("motion", "order"):
+        es = [e for e in entries if e["kind"] == kind]
+        labels = group_rank_labels([e["caption"] for e in es], [e["group"] for e in es])
+        if kind == "motion":  # the same direction has the same label in every group
+            pairs = {(e["variant"], int(lab)) for e, lab in zip(es, labels)}
+            assert pairs == {("down", 0), ("left", 1), ("right", 2), ("up", 3)}
+        else:  # label 0: the first object's words sort first ("a X appears, then a Y")
+            for e, lab in zip(es, labels):
+                first, second = e["caption"].split(" appears, then ")
+                assert int(lab) == int(first > second), e["caption"]
+            assert sorted(labels.tolist()) == [0, 0, 0, 1, 1, 1]
