@@ -84,7 +84,7 @@ def run_eval(model, tokenizer, ann, args, size, dtype, label, rank, pool="joint"
     """Retrieval with all frames and with one frame (an image model's view); the image stage
     evaluates stills (one frame). pool "mean": every frame encoded as an image, embeddings
     averaged (the image CLIP baseline)."""
-    from hvfm.evaluate import evaluate
+    from hvfm.evaluate import evaluate, time_lines
     results = {}
     views = ((1, "one_frame"),) if args.stage == "image" else ((args.frames, "all_frames"), (1, "one_frame"))
     for frames, key in views:
@@ -101,13 +101,23 @@ def run_eval(model, tokenizer, ann, args, size, dtype, label, rank, pool="joint"
                          f"{r.get('temporal_acc_motion', float('nan')):.3f}, order "
                          f"{r.get('temporal_acc_order', float('nan')):.3f}; chance {r['temporal_chance']:.3f})")
             print(line, flush=True)
+            for kind_line in time_lines(r):  # per kind: interval over groups, blind-tower checks
+                print(f"[{label}, {what}] {kind_line}", flush=True)
     return results
+
+
+def acc_with_ci(r, kind):
+    """'0.273 [0.21, 0.34]': a kind's temporal accuracy and its 95% interval over groups."""
+    acc, ci = r.get(f"temporal_acc_{kind}"), r.get(f"{kind}_ci")
+    if acc is None:
+        return "n/a"
+    return f"{acc:.3f}" if ci is None else f"{acc:.3f} [{ci[0]:.2f}, {ci[1]:.2f}]"
 
 
 def comparison_table(before, after, frames):
     """The built-in default's closing table: the image CLIP against the harvested video model."""
     head = (f"{'':44}{'t2v R@1':>8}{'R@5':>6}{'R@10':>6}{'v2t R@1':>9}{'R@5':>6}{'R@10':>6}"
-            f"{'motion':>8}{'order':>7}")
+            f"{'motion':>21}{'order':>21}")
     lines = [head]
     for name, res in (("image CLIP (frames mean-pooled)", before), ("harvested video model", after)):
         for key, what in (("all_frames", f"{frames} frames"), ("one_frame", "1 frame")):
@@ -116,9 +126,9 @@ def comparison_table(before, after, frames):
                 continue
             lines.append(f"{name + ', ' + what:44}{r['t2v_r1']:8.1f}{r['t2v_r5']:6.1f}{r['t2v_r10']:6.1f}"
                          f"{r['v2t_r1']:9.1f}{r['v2t_r5']:6.1f}{r['v2t_r10']:6.1f}"
-                         f"{r.get('temporal_acc_motion', float('nan')):8.3f}"
-                         f"{r.get('temporal_acc_order', float('nan')):7.3f}")
-    lines.append("temporal accuracy: chance 0.25 for motion (4 directions), 0.5 for order (2)")
+                         f"{acc_with_ci(r, 'motion'):>21}{acc_with_ci(r, 'order'):>21}")
+    lines.append("temporal accuracy [95% bootstrap interval over groups]: chance 0.25 for motion "
+                 "(4 directions), 0.5 for order (2)")
     return "\n".join(lines)
 
 

@@ -8,7 +8,8 @@ reports them.
         [--rerank-k K [--rerank-score sum|prob|logit]]
         [--dsl [--dsl-temp 100]]
         [--mc-by sim|vtm] [--eval-drop-ratio R --views N --seed S]
-        [--merge-with-clip ALPHA [--clip DIR]] [--tag TAG] [--dump-scores scores.npy] [--table]
+        [--merge-with-clip ALPHA [--clip DIR]] [--tag TAG] [--dump-scores scores.npy]
+        [--bootstrap 1000] [--table]
 
 CKPT: an export (OUTPUT_DIR/final), a DeepSpeed checkpoint folder of any ZeRO stage
 (OUTPUT_DIR/checkpoints, or one tag folder in it; consolidated to fp32 in process), a run folder
@@ -57,7 +58,17 @@ number of wrong candidates scoring at least as high as the best correct one). Mu
 the option with the highest score (similarity or VTM match probability) is picked; a k-way tie at
 the top earns 1/k. When the annotation has "group" keys (the synthetic test split), temporal
 accuracy: within a group (same objects, every motion or order), how often a caption's own clip
-scores highest (ties earn fractional credit).
+scores highest (ties earn fractional credit). Per kind K of group (the "kind" key: motion,
+order), `K_acc` with `K_ci`, its 95% percentile bootstrap interval over groups (`--bootstrap`
+resamples of whole groups, seed 0), and the diagnostics that say which tower is blind (see
+`hvfm.metrics.time_diagnostics`), all on the raw similarities: `K_caption_spread`, the mean
+pairwise cosine distance of a group's captions (text tower: ~0 when the captions of a group map
+to one point); `K_v2t_in_group` (and its chance), how often a clip's own caption is the most
+similar among its group's; `K_probe_acc` (and its chance), a linear probe (ridge least squares)
+of the clip's variant on the video embeddings, trained on half the groups and tested on the
+others. The variant label is the rank of the clip's caption among its group's sorted captions:
+for motion the direction (down, left, right, up), for order whether the alphabetically first
+object comes first.
 
 Output: one JSON object on stdout (its last line), naming the checkpoint, data, frames, views,
 drop ratio, re-rank k, DSL, merge alpha and the numbers of videos / captions evaluated and
@@ -97,7 +108,7 @@ from hvfm.data.transform import prepare_batch  # noqa: E402  # device transform
 from hvfm.metrics import (DSL_TEMP, dual_softmax, mc_accuracy, mc_option_scores,  # noqa: E402,F401
                           mean_similarity, ranks, recall_metrics, rerank, rerank_pairs,
                           rerank_sum, rerank_topk, retrieval_metrics, temporal_accuracy,
-                          topk_indices)
+                          time_diagnostics, topk_indices)
 
 RERANK_SCORES = ("sum", "prob", "logit")
 
@@ -376,8 +387,9 @@ def _check_options(views, drop_ratio, rerank_k=0, rerank_score="prob"):
 def evaluate(model, tokenizer, ann, frames=8, size=96, batch_size=32, workers=0, drop_ratio=None,
              progress=False, dump_scores=None, dtype=torch.float32, *, views=1, seed=0,
              rerank_k=0, rerank_score="sum", dsl=False, dsl_temp=DSL_TEMP, missing="raise",
-             shard=False, pool="joint"):
-    """Retrieval metrics of `ann` (and temporal accuracy when it has groups).
+             shard=False, pool="joint", n_boot=1000):
+    """Retrieval metrics of `ann` (and, when it has groups, temporal accuracy with its `n_boot`
+    bootstrap interval over groups and the diagnostics of `hvfm.metrics.time_diagnostics`).
 
     missing: "raise" (DataError on a missing or undecodable video) or "exclude" (warn once,
     evaluate the rest, count them as `excluded`). shard: split the encoding across the ranks of
@@ -404,8 +416,13 @@ def evaluate(model, tokenizer, ann, frames=8, size=96, batch_size=32, workers=0,
         t2v, v2t = rerank(t2v, v2t, rerank_k, score_pairs)
     metrics = retrieval_metrics(t2v, ann.pair_video, v2t)
     if ann.extra and all("group" in e for e in ann.extra):
-        metrics.update(temporal_accuracy(t2v, ann.pair_video, [e["group"] for e in ann.extra],
-                                         [e.get("kind", "all") for e in ann.extra]))
+        groups = [e["group"] for e in ann.extra]
+        kinds = [e.get("kind", "all") for e in ann.extra]
+        metrics.update(temporal_accuracy(t2v, ann.pair_video, groups, kinds))
+        metrics.update(time_diagnostics(sims, temb, torch.nn.functional.normalize(
+            vemb.float().mean(0), dim=-1), ann.pair_video, list(ann.pair_caption), groups, kinds,
+            hit_scores=t2v, n_boot=n_boot, seed=0))
+        metrics["bootstrap"] = n_boot
     metrics.update(frames=frames, videos=ann.num_videos, captions=len(ann), **info, views=views,
                    drop_ratio=drop_ratio, seed=seed, pool=pool, rerank_k=rerank_k, dsl=bool(dsl))
     if rerank_k:
@@ -473,7 +490,28 @@ def format_table(m):
                      f"{m[d + '_medr']:7.1f}{m[d + '_meanr']:8.1f}")
     if "temporal_acc" in m:
         lines.append(f"temporal accuracy {m['temporal_acc']:.3f} (chance {m['temporal_chance']:.3f})")
+        lines += time_lines(m)
     return "\n".join(lines)
+
+
+def _num(x, fmt=".3f"):
+    return "n/a" if x is None or (isinstance(x, float) and np.isnan(x)) else format(x, fmt)
+
+
+def time_lines(m):
+    """One line per kind of group: accuracy within groups with its 95% bootstrap interval over
+    groups, then which tower is blind: the captions' spread within a group (text tower),
+    video-to-text within a group, and the linear probe on the video embeddings (video tower)."""
+    lines = []
+    for kind in sorted(k[:-3] for k in m if k.endswith("_ci") and f"{k[:-3]}_acc" in m):
+        lo, hi = m[f"{kind}_ci"]
+        lines.append(f"{kind} {m[f'{kind}_acc']:.3f} [{_num(lo, '.2f')}, {_num(hi, '.2f')}] over "
+                     f"{m[f'{kind}_groups']} groups; caption spread "
+                     f"{_num(m[f'{kind}_caption_spread'])}, v2t in group "
+                     f"{_num(m[f'{kind}_v2t_in_group'])} (chance "
+                     f"{_num(m[f'{kind}_v2t_in_group_chance'])}), video probe "
+                     f"{_num(m[f'{kind}_probe_acc'])} (chance {_num(m[f'{kind}_probe_chance'])})")
+    return lines
 
 
 def _init_distributed():
@@ -546,6 +584,8 @@ def parse_args(argv=None):
     ap.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK when available, else cpu")
     ap.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32")
     ap.add_argument("--dump-scores", help="save the caption-by-video similarity matrix (.npy)")
+    ap.add_argument("--bootstrap", type=int, default=1000, metavar="N",
+                    help="resamples of the groups for the temporal accuracy's 95%% interval")
     ap.add_argument("--table", action="store_true", help="print the table on stdout (above the JSON)")
     ap.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return ap.parse_args(argv)
@@ -559,6 +599,8 @@ def run(args):
         raise DataError("--clip is only used with --merge-with-clip ALPHA")
     if args.frames < 1:
         raise DataError(f"--frames {args.frames}: give at least one frame")
+    if args.bootstrap < 1:
+        raise DataError(f"--bootstrap {args.bootstrap}: give a positive number of resamples")
     _check_options(args.views, args.eval_drop_ratio, args.rerank_k, args.rerank_score)
     ann, answers = read_eval_annotations(args.ann, args.video_root, paragraph=args.paragraph,
                                          split=args.split)
@@ -594,7 +636,7 @@ def run(args):
     else:
         metrics = evaluate(model, tokenizer, ann, dump_scores=args.dump_scores,
                            rerank_k=args.rerank_k, rerank_score=args.rerank_score, dsl=args.dsl,
-                           dsl_temp=args.dsl_temp, **common)
+                           dsl_temp=args.dsl_temp, n_boot=args.bootstrap, **common)
         metrics["paragraph"] = bool(ann.paragraph)
         if ann.format == "msrvtt_json":
             metrics["split"] = args.split

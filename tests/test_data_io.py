@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from hvfm.data import DataError, DecodeError, decode_clip, read_annotations, sample_indices
+from hvfm.data.decode import middle_pair, take_frames
 from hvfm.data.annotations import WEBVID_COLUMNS, StringColumn
 from videos import BROKEN_KINDS, frame_index, write_broken, write_clip
 
@@ -139,6 +140,58 @@ def test_sampling_indices_train_and_eval():
     assert sample_indices(0, 8, train=False) == []
     draws = {tuple(sample_indices(100, 4, True, rng)) for _ in range(50)}
     assert len(draws) > 40  # training sampling is random
+
+
+def test_one_frame_evaluation_takes_the_exact_middle():
+    clip = np.arange(17 * 2, dtype=np.uint8).reshape(17, 1, 2, 1) * 3  # frame i holds 6i, 6i+3
+
+    def get_from(c):
+        return lambda idx: c[idx]
+    one = take_frames(get_from(clip), 17, 1, train=False)  # odd: frame (n - 1) / 2 = 8
+    assert one.shape == (1, 1, 2, 1) and (one == clip[8:9]).all()
+    even = clip[:16]
+    assert middle_pair(16, 1, False) == [7, 8]
+    one = take_frames(get_from(even), 16, 1, train=False)  # even: mean of frames 7 and 8
+    assert one.shape == (1, 1, 2, 1) and one.ravel().tolist() == [45, 48]
+    # the clip played backwards gives the same frame (frame n // 2 alone would not: 48 vs 42)
+    assert (take_frames(get_from(even[::-1]), 16, 1, train=False) == one).all()
+    assert take_frames(get_from(even), 16, 1, False).dtype == np.uint8
+    odd_pair = np.array([[[[0]]], [[[255]]]], np.uint8)
+    assert take_frames(get_from(odd_pair), 2, 1, False).ravel().tolist() == [128]
+    # several frames, training, or a single-frame clip: sample_indices unchanged
+    assert middle_pair(16, 2, False) is None and middle_pair(16, 1, True) is None
+    assert middle_pair(1, 1, False) is None and middle_pair(17, 1, False) is None
+    picked = take_frames(get_from(even), 16, 4, False)
+    assert (picked == even[sample_indices(16, 4, False)]).all()
+
+
+@pytest.mark.parametrize("decoder", ["decord", "pyav"])
+@pytest.mark.parametrize("frames", [16, 17])
+def test_one_frame_of_a_motion_group_cannot_read_the_direction(tmp_path, decoder, frames):
+    """The synthetic test split's 4 clips of a motion group pass the same point at the middle:
+    one-frame evaluation of an odd-length clip sees the same picture in all four (up to the
+    codec's noise). An even-length clip has no middle frame: the mean of its two middle frames
+    is the same for opposite directions (the axis shows, the direction does not), where frame
+    n // 2 alone would show where the object is going."""
+    from hvfm.data.synthetic import generate
+    corpus = generate(tmp_path / "syn", n_train=1, n_test=6, frames=frames, size=32, seed=0)
+    entries = json.loads(corpus.test_json.read_text())
+    clips = {e["variant"]: corpus.test_root / e["video"] for e in entries if e["kind"] == "motion"}
+    assert sorted(clips) == ["down", "left", "right", "up"]
+    mid = {d: decode_clip(p, 1, train=False, decoder=decoder)[0].astype(int)
+           for d, p in clips.items()}
+    assert all(m.shape == (1, 32, 32, 3) for m in mid.values())
+    every = {d: decode_clip(p, frames, train=False, decoder=decoder)[0].astype(int)
+             for d, p in clips.items()}
+    same = [("left", "right"), ("up", "down")] + ([("left", "up")] if frames % 2 else [])
+    spread = max(np.abs(mid[a] - mid[b]).max() for a, b in same)
+    moved = min(np.abs(every[a][frames // 2] - every[b][frames // 2]).max()
+                for a, b in [("left", "right"), ("up", "down")])
+    if frames % 2:
+        assert all((every[d][frames // 2] == mid[d][0]).all() for d in clips)  # frame 8 itself
+        assert spread < 40, spread
+    else:
+        assert spread < 40 < moved, (spread, moved)
 
 
 @pytest.mark.parametrize("decoder", ["decord", "pyav", "auto"])

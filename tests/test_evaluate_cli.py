@@ -345,3 +345,66 @@ def test_torchrun_two_ranks_match_one_process(env, tmp_path):
     np.testing.assert_allclose(np.load(tmp_path / "two.npy"), np.load(tmp_path / "one.npy"), atol=1e-6)
     for k in ("t2v_r1", "t2v_r5", "t2v_meanr", "v2t_r1", "v2t_r5", "v2t_meanr", "temporal_acc"):
         assert two[k] == pytest.approx(ref[k]), k
+
+
+@pytest.fixture(scope="module")
+def groups_env(env):
+    """18 test clips: 3 motion groups (4 clips) and 3 order groups (2 clips), 4 frames at 32 px."""
+    corpus = generate(env["root"] / "syn18", n_train=1, n_test=18, frames=4, size=32, seed=0)
+    return dict(json=corpus.test_json, test_root=corpus.test_root,
+                entries=json.loads(Path(corpus.test_json).read_text()))
+
+
+def test_time_diagnostics_per_kind_in_the_output(env, groups_env, capsys, tmp_path):
+    from hvfm.metrics import group_bootstrap_ci, temporal_hits, v2t_in_group
+    entries = groups_env["entries"]
+    groups = [e["group"] for e in entries]
+    for ckpt, pool in ((env["final"], "joint"), (env["clip"], "mean")):  # export, image CLIP
+        m, out, _ = cli(capsys, "--checkpoint", ckpt, "--ann", groups_env["json"], "--video-root",
+                        groups_env["test_root"], *FRAMES, "--table", "--bootstrap", "200",
+                        "--dump-scores", tmp_path / "s.npy")
+        assert m["pool"] == pool and m["bootstrap"] == 200 and m["videos"] == 18
+        scores = np.load(tmp_path / "s.npy").astype(np.float64)
+        hits, _ = temporal_hits(scores, np.arange(18), groups)
+        v2t, _ = v2t_in_group(scores, np.arange(18), groups)
+        for kind, size in (("motion", 4), ("order", 2)):
+            rows = np.array([e["kind"] == kind for e in entries])
+            assert m[f"{kind}_groups"] == 3
+            assert m[f"{kind}_acc"] == pytest.approx(m[f"temporal_acc_{kind}"])
+            assert m[f"{kind}_acc"] == pytest.approx(hits[rows].mean(), abs=1e-6)
+            assert m[f"{kind}_ci"] == pytest.approx(
+                list(group_bootstrap_ci(hits[rows], np.array(groups)[rows], 200, 0)), abs=1e-6)
+            lo, hi = m[f"{kind}_ci"]
+            assert lo <= m[f"{kind}_acc"] <= hi
+            assert m[f"{kind}_v2t_in_group"] == pytest.approx(v2t[rows].mean(), abs=1e-6)
+            assert m[f"{kind}_v2t_in_group_chance"] == pytest.approx(1 / size)
+            assert 0.0 <= m[f"{kind}_caption_spread"] <= 2.0
+            assert 0.0 <= m[f"{kind}_probe_acc"] <= 1.0  # 2 groups to fit, 1 held out
+            assert m[f"{kind}_probe_chance"] == pytest.approx(1 / size)
+            line = next(ln for ln in out.splitlines() if ln.startswith(f"{kind} "))
+            assert f"{m[f'{kind}_acc']:.3f} [{lo:.2f}, {hi:.2f}] over 3 groups" in line
+            assert "caption spread" in line and "video probe" in line
+        if pool == "joint":  # the built-in run's closing table carries the same intervals
+            from hvfm.builtin_run import comparison_table
+            table = comparison_table({}, {"all_frames": m}, 4)
+            for kind in ("motion", "order"):
+                lo, hi = m[f"{kind}_ci"]
+                assert f"{m[f'{kind}_acc']:.3f} [{lo:.2f}, {hi:.2f}]" in table
+
+
+def test_probe_labels_of_the_synthetic_split_name_the_variant(groups_env):
+    """The probe's label (rank of a caption among its group's) is the same variant in every
+    group: the direction for motion; for order, which of the two objects comes first."""
+    from hvfm.metrics import group_rank_labels
+    entries = groups_env["entries"]
+    for kind in ("motion", "order"):
+        es = [e for e in entries if e["kind"] == kind]
+        labels = group_rank_labels([e["caption"] for e in es], [e["group"] for e in es])
+        if kind == "motion":  # the same direction has the same label in every group
+            pairs = {(e["variant"], int(lab)) for e, lab in zip(es, labels)}
+            assert pairs == {("down", 0), ("left", 1), ("right", 2), ("up", 3)}
+        else:  # label 0: the first object's words sort first ("a X appears, then a Y")
+            for e, lab in zip(es, labels):
+                first, second = e["caption"].split(" appears, then ")
+                assert int(lab) == int(first > second), e["caption"]
+            assert sorted(labels.tolist()) == [0, 0, 0, 1, 1, 1]

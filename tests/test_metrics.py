@@ -7,9 +7,11 @@ import pytest
 
 import torch
 
-from hvfm.metrics import (dual_softmax, mc_accuracy, mc_option_scores, mean_similarity,
+from hvfm.metrics import (caption_spread, dual_softmax, group_bootstrap_ci, group_rank_labels,
+                          linear_probe, mc_accuracy, mc_option_scores, mean_similarity,
                           pair_values_at, ranks, recall_metrics, rerank, rerank_pairs, rerank_sum,
-                          rerank_topk, retrieval_metrics, temporal_accuracy, topk_indices)
+                          rerank_topk, retrieval_metrics, temporal_accuracy, temporal_hits,
+                          time_diagnostics, topk_indices, v2t_in_group)
 
 
 def test_ranks_known_matrix_and_ties():
@@ -238,3 +240,116 @@ def test_rerank_reorders_both_directions_by_the_pair_scores():
     # per video over the two texts: video 0 -> text 1, video 1 -> text 0, video 2 -> text 1
     assert np.argmax(v2t, axis=0).tolist() == [1, 0, 1]
     assert retrieval_metrics(t2v, [1, 2], v2t)["t2v_r1"] == 100.0
+
+
+# ---------------------------------------------------------------------------- time diagnostics
+
+def test_temporal_hits_are_the_accuracy_per_caption():
+    groups = [0, 0, 1, 1]
+    scores = np.eye(4)
+    scores[1, 0] = 2.0  # caption 1 picks video 0: a miss
+    scores[2, 3] = 1.0  # caption 2 ties its own video with video 3: half a hit
+    hits, chance = temporal_hits(scores, np.arange(4), groups)
+    assert hits.tolist() == [1.0, 0.0, 0.5, 1.0] and chance.tolist() == [0.5] * 4
+
+
+def test_group_bootstrap_ci_exact_and_deterministic():
+    # every group has the same mean: every resample gives it, so the interval is that point
+    lo, hi = group_bootstrap_ci([1, 0, 0, 1, 1, 0], [0, 0, 1, 1, 2, 2], n_boot=200, seed=3)
+    assert lo == pytest.approx(0.5) and hi == pytest.approx(0.5)
+    # two groups of means 1 and 0: a resample draws k of 2 groups of mean 1 with prob 1/4, 1/2, 1/4
+    values, groups = [1, 1, 0, 0], [0, 0, 1, 1]
+    a = group_bootstrap_ci(values, groups, n_boot=1000, seed=0)
+    assert a == group_bootstrap_ci(values, groups, n_boot=1000, seed=0)  # deterministic
+    assert a == (0.0, 1.0)
+    # the resample statistic is the mean over the drawn groups' values, computed by hand here
+    values, groups = np.array([1.0, 0.0, 1.0, 1.0, 0.0]), np.array([5, 5, 7, 7, 9])
+    draws = np.random.default_rng(4).integers(0, 3, size=(50, 3))
+    sums, counts = np.array([1.0, 2.0, 0.0]), np.array([2.0, 2.0, 1.0])
+    stats = sums[draws].sum(1) / counts[draws].sum(1)
+    ref = tuple(float(q) for q in np.quantile(stats, [0.025, 0.975]))
+    assert group_bootstrap_ci(values, groups, n_boot=50, seed=4) == pytest.approx(ref)
+    assert all(math.isnan(x) for x in group_bootstrap_ci([], []))
+
+
+def test_caption_spread_of_hand_made_embeddings():
+    e = np.array([[1.0, 0.0], [0.0, 2.0],     # group 0: orthogonal -> distance 1
+                  [3.0, 0.0], [1.0, 0.0],     # group 1: same direction -> 0
+                  [0.0, 1.0]])                # group 2: one caption, no pair -> left out
+    assert caption_spread(e, [0, 0, 1, 1, 2]) == pytest.approx(0.5)
+    # three captions: pairwise distances 1 - cos = (1, 2, 1) -> mean 4/3
+    tri = np.array([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])
+    assert caption_spread(tri, [0, 0, 0]) == pytest.approx(4 / 3)
+    assert math.isnan(caption_spread(e[:1], [0]))
+
+
+def test_v2t_in_group_blind_text_tower_scores_chance():
+    # 4 videos of one group, one caption each; every video prefers caption 0 -> only video 0 hits
+    scores = np.tile([[2.0], [1.0], [0.5], [0.0]], (1, 4))
+    hits, chance = v2t_in_group(scores, np.arange(4), [0, 0, 0, 0])
+    assert hits.tolist() == [1.0, 0.0, 0.0, 0.0] and chance.tolist() == [0.25] * 4
+    assert hits.mean() == pytest.approx(chance.mean())
+    # identical captions: a 4-way tie at the top earns 1/4 each
+    hits, _ = v2t_in_group(np.ones((4, 4)), np.arange(4), [0, 0, 0, 0])
+    assert hits.tolist() == [0.25] * 4
+    # two groups; captions of another group never compete; video 2 has two captions (2, 3)
+    scores = np.array([[0.9, 0.1, 5.0],
+                       [0.2, 0.8, 5.0],
+                       [5.0, 5.0, 0.3],
+                       [5.0, 5.0, 0.1]])
+    hits, chance = v2t_in_group(scores, [0, 1, 2, 2], [0, 0, 1])
+    assert hits.tolist() == [1.0, 1.0, 1.0] and chance.tolist() == [0.5, 0.5, 1.0]
+
+
+def test_group_rank_labels_name_the_variant():
+    caps = ["a red circle moves up", "a red circle moves left", "a red circle moves down",
+            "a red circle moves right", "a blue star moves left", "a blue star moves down",
+            "a blue star moves up", "a blue star moves right",
+            "a red circle appears, then a blue star", "a blue star appears, then a red circle"]
+    groups = [0] * 4 + [1] * 4 + [2, 2]
+    assert group_rank_labels(caps, groups).tolist() == [3, 1, 0, 2, 1, 0, 3, 2, 1, 0]
+
+
+def test_linear_probe_separable_and_random():
+    rng = np.random.default_rng(0)
+    groups = np.repeat(np.arange(40), 4)
+    labels = np.tile(np.arange(4), 40)
+    centres = 3.0 * np.eye(4, 16)
+    offsets = np.concatenate([np.zeros((40, 4)), 3.0 * rng.normal(size=(40, 12))], 1)
+    x = centres[labels] + 0.3 * rng.normal(size=(160, 16)) + offsets[groups]  # separable
+    p = linear_probe(x, labels, groups, seed=0)
+    assert p["acc"] == 1.0 and p["chance"] == 0.25 and p["classes"] == 4
+    assert p["train"] == 80 and p["test"] == 80
+    assert linear_probe(x, labels, groups, seed=0) == p  # deterministic
+    noise = rng.normal(size=(160, 16))  # features that carry no label: about chance
+    q = linear_probe(noise, labels, groups, seed=0)
+    assert abs(q["acc"] - 0.25) < 0.15
+    # the split is by group: no group in both parts, so a per-group feature cannot leak the label
+    per_group = rng.normal(size=(40, 16))[groups]
+    r = linear_probe(np.concatenate([per_group, noise], 1), labels, groups, seed=1)
+    assert abs(r["acc"] - 0.25) < 0.15
+    assert linear_probe(x[:4], labels[:4], groups[:4]) is None  # one group: no held-out part
+    assert linear_probe(x, np.zeros(160, int), groups) is None  # one label
+
+
+def test_time_diagnostics_per_kind():
+    # group 0: motion, 4 videos; group 1: order, 2 videos; caption i describes video i
+    caps = ["a moves down", "a moves left", "a moves right", "a moves up",
+            "a appears, then b", "b appears, then a"]
+    groups, kinds = [0, 0, 0, 0, 1, 1], ["motion"] * 4 + ["order"] * 2
+    temb = np.array([[1.0, 0, 0], [1, 0, 0], [1, 0, 0], [1, 0, 0], [0, 1, 0], [0, 0, 1]])
+    vemb = np.array([[1.0, 0, 0], [1, 0, 0], [1, 0, 0], [1, 0, 0], [0, 1, 0], [0, 0, 1]])
+    scores = temb @ vemb.T
+    d = time_diagnostics(scores, temb, vemb, np.arange(6), caps, groups, kinds, n_boot=100)
+    assert d["motion_acc"] == pytest.approx(0.25) and d["order_acc"] == 1.0
+    assert d["motion_ci"] == pytest.approx([0.25, 0.25]) and d["order_ci"] == [1.0, 1.0]
+    assert d["motion_groups"] == 1 and d["order_groups"] == 1
+    assert d["motion_caption_spread"] == pytest.approx(0.0)
+    assert d["order_caption_spread"] == pytest.approx(1.0)
+    assert d["motion_v2t_in_group"] == pytest.approx(0.25) and d["order_v2t_in_group"] == 1.0
+    assert d["motion_v2t_in_group_chance"] == 0.25 and d["order_v2t_in_group_chance"] == 0.5
+    assert d["motion_probe_acc"] is None and d["order_probe_chance"] is None  # one group each
+    # the within-group accuracy is taken on hit_scores when given (re-ranked scores)
+    d2 = time_diagnostics(scores, temb, vemb, np.arange(6), caps, groups, kinds,
+                          hit_scores=np.eye(6), n_boot=10)
+    assert d2["motion_acc"] == 1.0 and d2["motion_v2t_in_group"] == pytest.approx(0.25)

@@ -1,11 +1,16 @@
 """Decoding F frames of a clip: decord first (one thread, resize on decode), PyAV as fallback.
 
 Frame sampling splits the clip into F equal segments and takes a random frame of each segment when
-training, the middle frame when evaluating. A clip with fewer than F frames gives all its frames
-(the caller sees fewer frames). Every way a file can be bad -- missing, empty, truncated, garbage,
-not a video, zero frames, a decoder exception -- becomes one `DecodeError` with a short reason, so
-the dataset can count it and move on. decord raises RuntimeError, its own DECORDError, IndexError
-and AssertionError; PyAV raises its own errors: all are caught here.
+training, the middle frame when evaluating. One-frame evaluation takes the exact middle of the
+clip, so that an image model cannot read an offset from it: the frame (n - 1) / 2 of an n-frame
+clip when n is odd; when n is even no frame is at the middle (frame n // 2 would lie half a step
+after it, and show where a moving object is going), so the mean of the two middle frames n/2 - 1
+and n/2 (`take_frames`); the clip played backwards gives the same frame. A clip with fewer than F
+frames gives all its frames (the caller sees fewer frames). Every way a file can be bad -- missing,
+empty, truncated, garbage, not a video, zero frames, a decoder exception -- becomes one
+`DecodeError` with a short reason, so the dataset can count it and move on. decord raises
+RuntimeError, its own DECORDError, IndexError and AssertionError; PyAV raises its own errors: all
+are caught here.
 
 A decoder that hangs (inside C code, where neither a signal nor a thread can stop it) or crashes
 (a segfault) cannot be handled from inside the process that runs it. `DecoderProcess` therefore runs
@@ -73,6 +78,29 @@ def sample_indices(num_available, num_frames, train, rng=None):
     return (starts + offsets).tolist()
 
 
+def middle_pair(num_available, num_frames, train):
+    """The two middle frames [n/2 - 1, n/2] of an even-length clip (n >= 2) in one-frame
+    evaluation, whose mean is the clip's exact middle; else None."""
+    if train or num_frames != 1 or num_available < 2 or num_available % 2:
+        return None
+    return [num_available // 2 - 1, num_available // 2]
+
+
+def take_frames(get, num_available, num_frames, train, rng=None):
+    """The sampled frames of a clip of `num_available` frames: `get(indices)` returns the frames
+    at those indices ((T, H, W, 3) uint8, maybe fewer for a truncated file, or None). In
+    one-frame evaluation of an even-length clip, the two middle frames blended into one (their
+    rounded mean, the same whichever comes first); else `sample_indices`."""
+    pair = middle_pair(num_available, num_frames, train)
+    if pair is None:
+        return get(sample_indices(num_available, num_frames, train, rng))
+    frames = get(pair)
+    if frames is None or len(frames) != 2:
+        return frames
+    total = frames[0].astype(np.uint16) + frames[1].astype(np.uint16) + 1
+    return (total // 2).astype(np.uint8)[None]
+
+
 def decode_size(width, height, short_side):
     """(w, h) with the short side scaled to `short_side`, aspect kept, both even and >= 2."""
     if not short_side:
@@ -87,8 +115,7 @@ def _decord(path, num_frames, train, rng, short_side):
     # first (a PyAV probe) opened every file twice: decode at the file's own size, then resize
     # the few sampled frames to the short side (when asked to; the loader resizes on the device).
     vr = decord.VideoReader(str(path), num_threads=1)
-    idx = sample_indices(len(vr), num_frames, train, rng)
-    frames = vr.get_batch(idx).asnumpy()
+    frames = take_frames(lambda idx: vr.get_batch(idx).asnumpy(), len(vr), num_frames, train, rng)
     if short_side:
         frames = _resize_frames(frames, short_side)
     return frames
@@ -101,23 +128,26 @@ def _pyav(path, num_frames, train, rng, short_side):
         w, h = decode_size(stream.codec_context.width, stream.codec_context.height, short_side)
         known = stream.frames  # 0 when the container does not say
         if known > 0:
-            wanted = sample_indices(known, num_frames, train, rng)
-            picked, last = {}, max(wanted)
-            for i, frame in enumerate(container.decode(stream)):
-                if i in wanted:
-                    picked[i] = frame.to_ndarray(format="rgb24", width=w, height=h)
-                if i >= last:
-                    break
-            got = [picked[i] for i in wanted if i in picked]  # a truncated file gives fewer
-            if got:
-                return np.stack(got)
+            def decode_at(wanted):
+                picked, last = {}, max(wanted)
+                for i, frame in enumerate(container.decode(stream)):
+                    if i in wanted:
+                        picked[i] = frame.to_ndarray(format="rgb24", width=w, height=h)
+                    if i >= last:
+                        break
+                got = [picked[i] for i in wanted if i in picked]  # a truncated file gives fewer
+                return np.stack(got) if got else None
+            got = take_frames(decode_at, known, num_frames, train, rng)
+            if got is not None:
+                return got
             known = 0
         if known <= 0:
             container.seek(0)
             frames = [f.to_ndarray(format="rgb24", width=w, height=h)
                       for f in container.decode(stream)]
-            idx = sample_indices(len(frames), num_frames, train, rng)
-            return np.stack([frames[i] for i in idx]) if idx else np.zeros((0, h, w, 3), np.uint8)
+            return take_frames(lambda idx: np.stack([frames[i] for i in idx]) if idx
+                               else np.zeros((0, h, w, 3), np.uint8),
+                               len(frames), num_frames, train, rng)
 
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")

@@ -62,7 +62,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .dataset import COUNTERS, Collator, VideoTextLoader, _rng, worker_init
-from .decode import DecodeError, _pyav, _resize_frames, sample_indices
+from .decode import DecodeError, _pyav, _resize_frames, take_frames
 from .errors import DataError
 from .text import MAX_LENGTH, clean_caption, swap_left_right
 from .transform import draw_params
@@ -163,8 +163,7 @@ def _decord_bytes(data, num_frames, train, rng, short_side):
     import decord
     # as decode._decord: the file's own size, then the sampled frames resized (no probe)
     vr = decord.VideoReader(io.BytesIO(data), num_threads=1)
-    idx = sample_indices(len(vr), num_frames, train, rng)
-    frames = vr.get_batch(idx).asnumpy()
+    frames = take_frames(lambda idx: vr.get_batch(idx).asnumpy(), len(vr), num_frames, train, rng)
     return _resize_frames(frames, short_side) if short_side else frames
 
 
