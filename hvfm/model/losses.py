@@ -117,7 +117,7 @@ def swap_loss(text_emb, video_emb, swap_emb, index, logit_scale):
     """
     K = index.shape[0]
     if K == 0:
-        return _wide(swap_emb).sum() * 0.0
+        return _wide(swap_emb).sum() * 0.0 + 0.0  # + 0.0: never -0 in the logs
     t = F.normalize(_wide(text_emb)[index], dim=-1)
     v = F.normalize(_wide(video_emb)[index], dim=-1)
     s = F.normalize(_wide(swap_emb[:K]), dim=-1)
