@@ -263,7 +263,8 @@ def train(args, label=None):
                 lr = scheduler.get_last_lr()[0]
                 bar.set_postfix(loss=f"{losses['loss']:.3f}", vtc=f"{losses['vtc']:.2f}",
                                 vtm=f"{losses['vtm']:.2f}", mlm=f"{losses['mlm']:.2f}",
-                                **({"swap": f"{losses['swap']:.2f}"} if weights["swap"] else {}), lr=f"{lr:.1e}",
+                                **({"swap": f"{losses['swap']:.2f}"} if weights["swap"] else {}),
+                                lr=f"{lr:.1e}",
                                 sps=f"{samples / elapsed:.1f}", data=f"{t_fetch - t_data:.2f}s",
                                 step=f"{now - t_fetch:.2f}s")
                 if log is not None:  # losses with 9 significant digits: float32 exactly (resume checks them)

@@ -1,6 +1,9 @@
 """The caption-swap term: the swapper on strings, the Collator's swapped captions, and the loss."""
+import contextlib
+import io
 import math
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -235,3 +238,23 @@ def test_weight_without_swapped_captions_says_so(tok):
     model = _model(tok)
     with pytest.raises(ValueError, match="swap=True"):
         _forward(model, tiny_batch(tok, CAPTIONS, [2, 1, 2, 1]), 0.2)
+
+
+# ----------------------------------------------------------------------------- the flag
+def test_flag_default_help_and_bad_value(tmp_path):
+    from hvfm import config
+    ds = str(Path(__file__).resolve().parents[1] / "ds_configs" / "z2.json")
+    base = ["--deepspeed", ds, "--precision", "fp32", "--output-dir", str(tmp_path / "out")]
+    args = config.parse_args(base)
+    assert args.swap_weight == 0.0 and config.check_run(args, cuda=False)[0]["swap"] == 0.0
+    args = config.parse_args([*base, "--stage", "image", "--swap-weight", "0.2"])
+    assert config.check_run(args, cuda=False)[0] == {"vtc": 1.0, "vtm": 0.0, "mlm": 0.0, "swap": 0.2}
+    for bad in ("-1", "nan"):
+        with pytest.raises(config.ConfigError) as e:
+            config.check_run(config.parse_args([*base, "--swap-weight", bad]), cuda=False)
+        assert "\n" not in str(e.value) and "--swap-weight" in str(e.value)
+    out = io.StringIO()
+    with pytest.raises(SystemExit), contextlib.redirect_stdout(out):
+        config.parse_args(["--help"])
+    text = " ".join(out.getvalue().split())
+    assert "--swap-weight W" in text and "Default 0 (off) for now" in text and "issue 20" in text

@@ -3,7 +3,8 @@ into their opposites, on strings before tokenisation (so any tokenizer works).
 
     swap_caption("a red circle moves left")                  -> "a red circle moves right"
     swap_caption("a small red star at the top left")         -> "a small red star at the bottom right"
-    swap_caption("a red circle appears, then a blue square") -> "a blue square, then a red circle appears"
+    swap_caption("a red circle appears, then a blue square")
+                                            -> "a blue square, then a red circle appears"
 
 Word pairs (`PAIRS`) swap in one pass (left <-> right, never left -> right -> left), only as whole
 words (never "leftover", "uptown", "outside"; nor the "up" of "shows up"), keeping the case of each word ("Left" -> "Right").
