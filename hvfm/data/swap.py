@@ -6,8 +6,9 @@ into their opposites, on strings before tokenisation (so any tokenizer works).
     swap_caption("a red circle appears, then a blue square")
                                             -> "a blue square, then a red circle appears"
 
-Word pairs (`PAIRS`) swap in one pass (left <-> right, never left -> right -> left), only as whole
-words (never "leftover", "uptown", "outside"; nor the "up" of "shows up"), keeping the case of each word ("Left" -> "Right").
+Word pairs (`PAIRS`) swap in one pass (left <-> right, never left -> right -> left), only as
+whole words (never "leftover", "uptown", "outside"; nor the "up" of "shows up"), keeping the
+case of each word ("Left" -> "Right").
 "to the left of" / "to the right of" follow from left <-> right. "A then B" becomes "B then A"
 where the caption has no word pair (both at once could undo each other: "moves left then right").
 A caption with neither is returned unchanged and reported as unchanged.
