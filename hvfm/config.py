@@ -114,6 +114,14 @@ def parse_args(argv=None):
                    help="image stage: that fraction of the stills also enters its batch mirrored "
                         "(left-right or top-bottom) with its place words swapped, a hard negative "
                         "that only position tells apart")
+    t.add_argument("--swap-weight", type=float, default=0.0, metavar="W",
+                   help="weight of the caption-swap term (any stage, any data): each caption with "
+                        "a pair of place, direction or time words (left/right, top/bottom, up/down, "
+                        "into/out of, before/after, 'A then B', ...) is swapped and encoded (one "
+                        "more text-tower pass), and two cross-entropies are added: [s(v,t), "
+                        "s(t,t_swap)] and [s(v,t), s(v,t_swap)], the own caption the target. "
+                        "Default 0 (off) for now: the weights are to be chosen by measurement "
+                        "(issue 20, point 2)")
     o = ap.add_argument_group("schedule and output")
     o.add_argument("--max-steps", type=int, default=None,
                    help=f"default: --epochs' steps; the image stage on the built-in stills: "
@@ -286,13 +294,15 @@ def check_args(args, cuda):
         assert len(weights) == 3 and min(weights) >= 0
     except (ValueError, AssertionError):
         raise ConfigError(f"--loss-weights {args.loss_weights}: give three numbers VTC,VTM,MLM >= 0") from None
+    if not 0.0 <= args.swap_weight:
+        raise ConfigError(f"--swap-weight {args.swap_weight:g}: give a number >= 0")
     from hvfm.model import parse_drop_ratio
     for flag, value in (("--drop-ratio", args.drop_ratio), ("--eval-drop-ratio", args.eval_drop_ratio)):
         try:
             parse_drop_ratio(value)
         except ValueError as e:
             raise ConfigError(f"{flag}: {e}") from None
-    return dict(zip(("vtc", "vtm", "mlm"), weights))
+    return {**dict(zip(("vtc", "vtm", "mlm"), weights)), "swap": args.swap_weight}
 
 
 def pick_attention(name, cuda):
@@ -380,7 +390,7 @@ def check_run(args, cuda):
     builtin = is_builtin(args)
     if args.stage == "image":  # stage 1: stills are one-frame clips; contrastive loss alone
         args.frames, args.reverse_negatives, args.motion_channel = 1, 0.0, False
-        weights = {"vtc": 1.0, "vtm": 0.0, "mlm": 0.0}
+        weights = {"vtc": 1.0, "vtm": 0.0, "mlm": 0.0, "swap": args.swap_weight}
         if builtin and args.batch_size is None:
             args.batch_size = BUILTIN_IMAGE["batch_size"]
     cfg = read_ds_config(args.deepspeed, int(os.environ.get("WORLD_SIZE", 1)), args.batch_size)

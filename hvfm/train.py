@@ -40,7 +40,7 @@ from hvfm.distributed import (all_gather, broadcast, init_distributed, quiet_lib
                               remove_shm_buffer, start_error_watch, stop_error_watch)
 
 STARTING = {"made": None}  # the output folder this run created, until its training begins
-LOSSES = ("loss", "vtc", "vtm", "mlm")
+LOSSES = ("loss", "vtc", "vtm", "mlm", "swap")
 COLUMNS = ["step", "epoch", *LOSSES, "lr", "samples_per_s", "tokens_per_s", "data_s", "step_s",
            "skipped", "nonfinite"]
 
@@ -262,7 +262,9 @@ def train(args, label=None):
                 losses = dict(zip(LOSSES, values or last.tolist()))
                 lr = scheduler.get_last_lr()[0]
                 bar.set_postfix(loss=f"{losses['loss']:.3f}", vtc=f"{losses['vtc']:.2f}",
-                                vtm=f"{losses['vtm']:.2f}", mlm=f"{losses['mlm']:.2f}", lr=f"{lr:.1e}",
+                                vtm=f"{losses['vtm']:.2f}", mlm=f"{losses['mlm']:.2f}",
+                                **({"swap": f"{losses['swap']:.2f}"} if weights["swap"] else {}),
+                                lr=f"{lr:.1e}",
                                 sps=f"{samples / elapsed:.1f}", data=f"{t_fetch - t_data:.2f}s",
                                 step=f"{now - t_fetch:.2f}s")
                 if log is not None:  # losses with 9 significant digits: float32 exactly (resume checks them)

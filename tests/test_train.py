@@ -169,6 +169,21 @@ def test_image_stage_exports_a_clip_folder_that_stage_two_starts_from(corpus, tm
     assert json.loads((s2 / "run_config.json").read_text())["args"]["clip"] == str(final)
 
 
+def test_image_stage_with_the_caption_swap_term_logs_it(tmp_path):
+    from hvfm.data.synthetic_images import generate_images
+    stills = generate_images(tmp_path / "stills", n=16, n_test=4, size=32)
+    out = tmp_path / "swap"
+    launch(["--deepspeed", "ds_configs/z2.json", "--stage", "image", "--train-json",
+            str(stills / "images.json"), "--video-root", str(stills), "--size", "32",
+            "--batch-size", "4", "--max-steps", "2", "--workers", "0", "--output-dir", str(out),
+            "--swap-weight", "0.2", "--no-eval", "--log-every", "1"])
+    rows = metrics_rows(out)
+    assert len(rows) == 2 and all(float(r["swap"]) > 0 for r in rows)
+    last = json.loads((out / "summary.json").read_text())["last_losses"]
+    assert last["swap"] > 0 and last["loss"] == pytest.approx(last["vtc"] + 0.2 * last["swap"], rel=1e-5)
+    assert json.loads((out / "run_config.json").read_text())["args"]["swap_weight"] == 0.2
+
+
 @pytest.mark.slow  # ~60 s; CI runs it: it is the README's main command
 def test_readme_main_command(tmp_path):
     """The README's main command on the built-in default, shortened with --max-steps."""

@@ -41,6 +41,7 @@ from .decode import DecodeError, DecoderProcess, _resize_frames, decode_clip
 from .errors import DataError
 from .text import MAX_LENGTH, MLMMasker, swap_left_right, swap_top_bottom, tokenize
 from .transform import collate_frames, draw_params, mirror_params, to_model_pixels
+from .swap import swap_captions
 
 log = logging.getLogger("hvfm.data")
 
@@ -154,11 +155,18 @@ class Collator:
     seeded by the sample) also enters the batch mirrored, left-right or top-bottom, with the
     place words of its caption swapped. The two captions then differ only in where things are,
     so a contrastive loss cannot be met by colour and shape alone (within the built-in stage 1's
-    budget it did not teach place either: README, "How time gets in")."""
+    budget it did not teach place either: README, "How time gets in").
+
+    `swap` (the caption-swap term, see `swap.swap_captions`): the batch also carries the swapped
+    captions of the rows that have a pair, tokenised: "swap_index" (K,) their rows, and
+    "swap_input_ids" / "swap_attention_mask" (max(K, 1), L'). With K = 0 the one row is the first
+    caption unchanged, so the model runs the same text-tower pass (the same ZeRO-3 gathers) on
+    every rank whatever the batch holds; its term is then 0."""
 
     def __init__(self, tokenizer, mask_ratio=0.5, max_length=MAX_LENGTH, seed=0, mirror=0.0,
-                 device_transform=True):
+                 device_transform=True, swap=False):
         self.tokenizer, self.max_length, self.seed = tokenizer, max_length, seed
+        self.swap = bool(swap)
         self.masker = MLMMasker(tokenizer, mask_ratio)
         self.mirror = float(mirror)
         self.device_transform = device_transform
@@ -186,6 +194,7 @@ class Collator:
         gen = torch.Generator().manual_seed(int(key))
         mlm_ids, mlm_labels = self.masker(ids, attn, special, gen)
         failures = [f for s in samples for f in s["failures"]]
+        extra.update(self._swapped(captions) if self.swap else {})
         return {
             "pixels": pixels, **extra,  # uint8 frames + crop rows: see transform.prepare_batch
             "num_frames": num_frames,
@@ -194,6 +203,15 @@ class Collator:
             "captions": captions, "index": index,
             "failures": failures, "n_skipped": len(failures),
         }
+
+
+    def _swapped(self, captions):
+        swapped, changed = swap_captions(captions)
+        rows = [i for i, c in enumerate(changed) if c]
+        ids, attn, _ = tokenize(self.tokenizer, [swapped[i] for i in rows] or captions[:1],
+                                self.max_length)
+        return {"swap_index": torch.tensor(rows, dtype=torch.int64), "swap_input_ids": ids,
+                "swap_attention_mask": attn}
 
 
 def local_ranks_from_env(environ=None):
@@ -298,12 +316,14 @@ class VideoTextLoader:
 def build_loader(ann, tokenizer, *, batch_size, frames=8, size=224, train=True, seed=0,
                  num_workers=2, mask_ratio=0.5, rank=0, world_size=1, timeout=120.0,
                  decoder="auto", max_retries=10, drop_last=None, pin_memory=False, max_length=MAX_LENGTH,
-                 decode_timeout=None, mirror=0.0, crop_scale=(0.5, 1.0), device_transform=None):
+                 decode_timeout=None, mirror=0.0, crop_scale=(0.5, 1.0), device_transform=None,
+                 swap=False):
     """A `VideoTextLoader` over `ann` for one rank. Training shuffles and drops the last partial
     batch; evaluation keeps order and everything. decode_timeout (seconds, None: off): abandon a
     decode that takes longer (see `DecoderProcess`); the loader's last-resort `timeout` is then
     raised to at least 4 x decode_timeout so a few hung files in one batch never trip it.
     mirror: that fraction of the samples also enters its batch mirrored (see `Collator`).
+    swap: batches also carry the swapped captions of the caption-swap term (see `Collator`).
     crop_scale: area range of the training crop (stills whose captions name places: near 1).
     device_transform: batches carry uint8 frames + crop rows for `transform.prepare_batch` on the
     device (True), or the workers run that same transform and send float32 pixels (False: for a
@@ -328,7 +348,7 @@ def build_loader(ann, tokenizer, *, batch_size, frames=8, size=224, train=True, 
                                               seed=seed, drop_last=False)
     loader = DataLoader(
         dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-        collate_fn=Collator(tokenizer, mask_ratio, max_length, seed, mirror, device_transform),
+        collate_fn=Collator(tokenizer, mask_ratio, max_length, seed, mirror, device_transform, swap),
         drop_last=train if drop_last is None else drop_last, pin_memory=pin_memory,
         worker_init_fn=worker_init if num_workers else None,
         timeout=timeout if num_workers else 0, persistent_workers=num_workers > 0,

@@ -484,12 +484,14 @@ class ShardLoader(VideoTextLoader):
 def build_shard_loader(spec, tokenizer, *, batch_size, frames=8, size=224, seed=0, num_workers=2,
                        mask_ratio=0.5, rank=0, world_size=1, timeout=120.0, decoder="auto",
                        shuffle_buffer=1000, max_retries=10, pin_memory=False, max_length=MAX_LENGTH,
-                       crop_scale=(0.5, 1.0), clean=clean_caption):
+                       crop_scale=(0.5, 1.0), clean=clean_caption, swap=False):
     """A `ShardLoader` over the shards of `spec` for one rank: the batches of `build_loader`'s
-    training loader (same keys, shapes, transforms, tokenisation and MLM masks)."""
+    training loader (same keys, shapes, transforms, tokenisation and MLM masks; `swap`: with the
+    swapped captions of the caption-swap term)."""
     urls = expand_shards(spec)
     counts = shard_counts(urls)
-    collate = Collator(tokenizer, mask_ratio, max_length, seed, device_transform=bool(pin_memory))
+    collate = Collator(tokenizer, mask_ratio, max_length, seed, device_transform=bool(pin_memory),
+                       swap=swap)
     dataset = ShardDataset(urls, counts, collate, batch_size,
                            frames=frames, size=size, rank=rank, world_size=world_size, workers=num_workers,
                            seed=seed, shuffle_buffer=shuffle_buffer, decoder=decoder,

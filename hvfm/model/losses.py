@@ -1,4 +1,5 @@
-"""VTC (all-gathered InfoNCE), VTM hard-negative sampling, and the small CE wrappers.
+"""VTC (all-gathered InfoNCE), VTM hard-negative sampling, the caption-swap term, and the small
+CE wrappers.
 
 Identical captions: two samples whose captions are token-for-token equal are NOT negatives of
 each other. In VTC their off-diagonal logits are removed from both softmax denominators (the
@@ -99,6 +100,32 @@ def vtc_loss(text_emb, video_emb, logit_scale, keys=None, reverse_video_emb=None
         t2v = torch.cat([t2v, col], dim=1)
     loss = (F.cross_entropy(t2v, labels) + F.cross_entropy(v2t, labels)) / 2
     return loss, local
+
+
+def swap_loss(text_emb, video_emb, swap_emb, index, logit_scale):
+    """The caption-swap term: caption `index[k]` against its swapped caption `swap_emb[k]`.
+
+    text_emb, video_emb (B, P); swap_emb (>= K, P), row k the swapped caption of row index[k]
+    (rows past K are ignored: the pass every rank runs when no caption has a pair); index (K,)
+    int64 on the device. With s the cosine times the model's logit scale, the sum of
+      - the text-text CE over [s(v_i, t_i), s(t_i, t'_i)], target the first (CE-CLIP): its
+        target needs no second tower, so it moves a text tower that is blind to the words;
+      - the own-row CE over [s(v_i, t_i), s(v_i, t'_i)] (VFC: the swapped caption as an extra
+        negative of its own clip only),
+    each a mean over the K captions of this rank. K = 0 gives 0, still joined to the graph, so
+    the backward runs the same way on every rank. No host sync (K is the index's shape).
+    """
+    K = index.shape[0]
+    if K == 0:
+        return _wide(swap_emb).sum() * 0.0 + 0.0  # + 0.0: never -0 in the logs
+    t = F.normalize(_wide(text_emb)[index], dim=-1)
+    v = F.normalize(_wide(video_emb)[index], dim=-1)
+    s = F.normalize(_wide(swap_emb[:K]), dim=-1)
+    scale = logit_scale.clamp(max=MAX_LOGIT_SCALE).exp()
+    vt, tt, vs = scale * (v * t).sum(-1), scale * (t * s).sum(-1), scale * (v * s).sum(-1)
+    target = torch.zeros(K, dtype=torch.long, device=t.device)
+    return (F.cross_entropy(torch.stack([vt, tt], 1), target)
+            + F.cross_entropy(torch.stack([vt, vs], 1), target))
 
 
 def sample_hard_negatives(sim, positive, generator=None):

@@ -13,12 +13,12 @@ import torch.nn as nn
 
 from .attention import concat_sequences, gather_sequences, get_backend, to_device
 from .fusion import FusionEncoder
-from .losses import (caption_keys, host_pairs, mlm_loss, sample_hard_negatives, vtc_loss,
-                     vtm_loss)
+from .losses import (caption_keys, host_pairs, mlm_loss, sample_hard_negatives, swap_loss,
+                     vtc_loss, vtm_loss)
 from .text import TextEncoder, host_lengths, packed_index
 from .video import Keep, VideoEncoder
 
-DEFAULT_WEIGHTS = {"vtc": 1.0, "vtm": 1.0, "mlm": 1.0}
+DEFAULT_WEIGHTS = {"vtc": 1.0, "vtm": 1.0, "mlm": 1.0, "swap": 0.0}
 
 
 def reverse_count(fraction, batch: int) -> int:
@@ -92,11 +92,13 @@ class VideoLanguageModel(nn.Module):
                 loss_weights=None, generator=None, vtm_hardness=1.0) -> dict:
         """Losses on one batch; `rng` (numpy) draws keep counts, `generator` the device choices.
 
-        `loss_weights`: dict with keys vtc/vtm/mlm or a (vtc, vtm, mlm) triple; default 1:1:1.
+        `loss_weights`: dict with keys vtc/vtm/mlm/swap or a (vtc, vtm, mlm) triple; default
+        1:1:1 and swap 0. A swap weight > 0 needs the batch's swapped captions (a loader built
+        with swap=True): one more text-tower pass on them, see `losses.swap_loss`.
         `reverse_negatives`: the fraction of the batch (True: all) whose clips are also encoded
         played backwards, each an extra hard negative of its own caption in VTC and VTM.
         `vtm_hardness`: VTM negatives drawn with p ~ softmax(hardness * VTC logits).
-        Returns loss, vtc, vtm, mlm (detached) and token counts video_tokens (kept + CLS of the
+        Returns loss, vtc, vtm, mlm, swap (detached) and token counts video_tokens (kept + CLS of the
         main pass) and text_tokens.
         """
         if loss_weights is not None and not isinstance(loss_weights, dict):
@@ -125,8 +127,12 @@ class VideoLanguageModel(nn.Module):
         zero = vtc.new_zeros(())
         vtm = self._vtm(t, v, rev, sim * vtm_hardness, keys, generator) if w["vtm"] else zero
         mlm = self._mlm(batch, mlm_ids, lengths, v) if w["mlm"] else zero
+        swap = self._swap(batch, t, v) if w["swap"] else zero
         loss = w["vtc"] * vtc + w["vtm"] * vtm + w["mlm"] * mlm
+        if w["swap"]:
+            loss = loss + w["swap"] * swap
         return dict(loss=loss, vtc=vtc.detach(), vtm=vtm.detach(), mlm=mlm.detach(),
+                    swap=swap.detach(),
                     video_tokens=v.varlen.total, text_tokens=int(lengths.sum()))
 
     def _vtm(self, t, v, rev, sim, keys, generator):
@@ -141,6 +147,18 @@ class VideoLanguageModel(nn.Module):
         # each clip's K/V once, gathered per pair (a clip is in ~3 pairs: positive + negatives)
         h = self.fusion(tx, ts, pool, pool_s, video_index=vi)
         return vtm_loss(self.fusion.vtm_logits(h, ts), to_device(labels, self.device))
+
+    def _swap(self, batch, t, v):
+        """The caption-swap term: the swapped captions through the text tower (always one pass,
+        whatever the batch holds: every rank runs the same ZeRO-3 gathers), then `swap_loss`."""
+        if "swap_input_ids" not in batch:
+            raise ValueError("a swap weight > 0 needs the batch's swapped captions: build the "
+                             "loader with swap=True (the trainer does for --swap-weight > 0)")
+        dev = self.device
+        s = self.text(batch["swap_input_ids"].to(dev, non_blocking=True),
+                      host_lengths(batch["swap_attention_mask"]))
+        index = to_device(batch["swap_index"], dev)
+        return swap_loss(t.embeds, v.embeds, s.embeds, index, self.logit_scale)
 
     def _mlm(self, batch, mlm_ids, lengths, v):
         """Masked caption -> text tower -> fusion with its own clip -> tied decoder, CE on masks."""
