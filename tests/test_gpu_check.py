@@ -137,6 +137,12 @@ def test_dry_run_writes_the_layout_that_comes_back(tmp_path):
             rows[m.group(1)] = int(m.group(2))
     assert set(rows) == set(STAGES), rows
     assert sum(rows.values()) <= 420, rows  # the stage budgets: a rerun fits in the lease
+    # profiling/README.md's stage table says the same budgets
+    doc = (ROOT / "profiling" / "README.md").read_text()
+    documented = {m.group(1): int(m.group(2)) for m in re.finditer(r"^\| (\w+) \| (\d+) \|", doc, re.M)
+                  if m.group(1) in STAGES}
+    assert documented == rows, (documented, rows)
+    assert f"{sum(rows.values())} in all" in doc
     assert "## Key numbers" in text and "bench_train.py --gpu-defaults --drop 0.5 0.1:0.5" in text
     # every kernel test file runs on the GPU, except the two whose paths need no GPU (CI runs them)
     kcmd = text.split("## tests_kernels")[1].split("\n## ")[0]
