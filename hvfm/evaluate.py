@@ -562,8 +562,9 @@ def parse_args(argv=None):
                     help="join a video's sentences into one paragraph (default: on for DiDeMo and "
                          "ActivityNet files, the literature's paragraph-to-video protocol; off "
                          "otherwise); --no-paragraph scores each sentence")
-    ap.add_argument("--split", default="test",
-                    help="the split of an MSRVTT_data.json (train, validate, test; default test)")
+    ap.add_argument("--split", default=None,
+                    help="the split of an MSRVTT_data.json (train, validate, test; default test); "
+                         "an error with any other file")
     ap.add_argument("--eval-drop-ratio", default=None, help="drop patches at test time too")
     ap.add_argument("--views", type=int, default=1,
                     help="average the similarity over N random drops (needs --eval-drop-ratio)")
@@ -603,7 +604,10 @@ def run(args):
         raise DataError(f"--bootstrap {args.bootstrap}: give a positive number of resamples")
     _check_options(args.views, args.eval_drop_ratio, args.rerank_k, args.rerank_score)
     ann, answers = read_eval_annotations(args.ann, args.video_root, paragraph=args.paragraph,
-                                         split=args.split)
+                                         split=args.split or "test")
+    if args.split is not None and ann.format != "msrvtt_json":
+        raise DataError(f"--split {args.split}: {args.ann} is {ann.format}, which has no splits; "
+                        f"--split applies to MSRVTT_data.json only (drop the flag)")
     fmt = "mc" if answers is not None else "retrieval"
     if dist_info()[0] == 0:
         _report_format(ann)
@@ -639,7 +643,7 @@ def run(args):
                            dsl_temp=args.dsl_temp, n_boot=args.bootstrap, **common)
         metrics["paragraph"] = bool(ann.paragraph)
         if ann.format == "msrvtt_json":
-            metrics["split"] = args.split
+            metrics["split"] = args.split or "test"
     return {**out, **metrics, "size": size, **merge, "attn": args.attn, "dtype": args.dtype,
             "world_size": dist_info()[1]}
 

@@ -250,6 +250,13 @@ def test_activitynet_cli_paragraphs_names_and_output(env, tmp_path, capsys):
           "--frames", "4", "--workers", "0", "--no-paragraph"])
     m = json.loads(capsys.readouterr()[0].strip().splitlines()[-1])
     assert (m["captions"], m["paragraph"]) == (12, False)
+    # --split means MSRVTT_data.json's splits: on a file without splits it is one error line
+    with pytest.raises(SystemExit) as e:
+        main(["--checkpoint", str(env["final"]), "--ann", str(path), "--video-root", str(root),
+              "--frames", "4", "--workers", "0", "--split", "val"])
+    err = capsys.readouterr()[1]
+    lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert e.value.code == 2 and len(lines) == 1 and "activitynet" in lines[0] and "--split" in lines[0], err
 
 
 # ---------------------------------------------------------------------------- multiple choice
