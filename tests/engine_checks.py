@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -183,7 +182,6 @@ def worker(rank, world, port, specs, out):
 if __name__ == "__main__":
     import torch.multiprocessing as mp
     out, world, *specs = sys.argv[1:]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from hvfm.distributed import free_port
+    port = free_port()
     mp.spawn(worker, args=(int(world), port, specs, out), nprocs=int(world))

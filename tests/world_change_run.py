@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -143,7 +142,6 @@ if __name__ == "__main__":
     import torch.multiprocessing as mp
     mode, world, ckpt, out = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
     config = sys.argv[5] if len(sys.argv) > 5 else "z2"
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from hvfm.distributed import free_port
+    port = free_port()
     mp.spawn(worker, args=(world, port, mode, ckpt, out, config), nprocs=world)

@@ -253,31 +253,33 @@ class ShardDataset(IterableDataset):
             raise DataError(f"shards {self.urls[0]}...: slot {slot} found no samples in a pass")
         return urls, kept, every
 
+    def pass_of(self, slot, i):
+        """(p, r): the pass of `slot` that holds raw sample i and the raw index its first sample
+        has, from the counts alone (nothing is read)."""
+        r = 0
+        for p in itertools.count():
+            n = sum(self._pass(slot, p)[1])
+            if r + n > i:
+                return p, r
+            r += n
+
     def shard_begin(self, slot, i):
         """The raw index (in this epoch's stream of `slot`) of the first sample of the shard that
         holds raw sample i: found from the counts alone, nothing is read."""
-        r = 0
-        for p in itertools.count():
-            _, kept, _ = self._pass(slot, p)
-            if r + sum(kept) <= i:
-                r += sum(kept)
-                continue
-            for n in kept:
-                if r + n > i:
-                    return r
-                r += n
+        p, r = self.pass_of(slot, i)
+        for n in self._pass(slot, p)[1]:
+            if r + n > i:
+                return r
+            r += n
 
     def _raw_stream(self, slot, start=0):
         """(raw index, sample) of a slot's stream from raw index `start`: the shards that end
         before it are skipped unopened (their counts say how many samples they hold); the shard
         that holds it is read from its start (the samples before `start` read, not yielded)."""
         import webdataset as wds
-        r = 0
-        for p in itertools.count():
+        first, r = self.pass_of(slot, start)
+        for p in itertools.count(first):
             urls, kept, every = self._pass(slot, p)
-            if r + sum(kept) <= start:
-                r += sum(kept)
-                continue
             whole, got, off = r >= start, 0, 0
             for u, n in zip(urls, kept):
                 c = self.counts[u]
