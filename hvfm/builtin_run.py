@@ -91,8 +91,18 @@ def run_eval(model, tokenizer, ann, args, size, dtype, label, rank, pool="joint"
         results[key] = evaluate(model, tokenizer, ann, frames=frames, size=size,
                                 workers=min(args.workers, 2), drop_ratio=args.eval_drop_ratio,
                                 dtype=dtype, pool=pool)
+    if args.stage == "image" and is_builtin(args):  # place and colour: own caption vs its twin
+        from hvfm.data.synthetic_images import ensure_probes
+        from hvfm.evaluate import evaluate_probes
+        results["probes"] = evaluate_probes(model, tokenizer, ensure_probes(seed=args.seed),
+                                            size=size, dtype=dtype)
     if rank == 0:
         for key, r in results.items():
+            if key == "probes":
+                from hvfm.evaluate import probe_lines
+                for line in probe_lines(r):
+                    print(f"[{label}, probe stills] {line}", flush=True)
+                continue
             what = "1 frame" if key == "one_frame" else f"{args.frames} frames"
             line = (f"[{label}, {what}] t2v R@1/5/10 {r['t2v_r1']:.1f}/{r['t2v_r5']:.1f}/{r['t2v_r10']:.1f}  "
                     f"v2t R@1/5/10 {r['v2t_r1']:.1f}/{r['v2t_r5']:.1f}/{r['v2t_r10']:.1f}")

@@ -105,10 +105,11 @@ from hvfm.data.text import clean_caption  # noqa: E402,F401
 from hvfm.data.transform import prepare_batch  # noqa: E402  # device transform
 # The pure metrics live in hvfm.metrics; imported here for this module and re-exported for the
 # callers that import them from hvfm.evaluate.
-from hvfm.metrics import (DSL_TEMP, dual_softmax, mc_accuracy, mc_option_scores,  # noqa: E402,F401
-                          mean_similarity, ranks, recall_metrics, rerank, rerank_pairs,
-                          rerank_sum, rerank_topk, retrieval_metrics, temporal_accuracy,
-                          time_diagnostics, topk_indices)
+from hvfm.metrics import (DSL_TEMP, caption_spread, dual_softmax,  # noqa: E402,F401
+                          group_bootstrap_ci, mc_accuracy, mc_option_scores, mean_similarity,
+                          ranks, recall_metrics, rerank, rerank_pairs, rerank_sum, rerank_topk,
+                          retrieval_metrics, temporal_accuracy, temporal_hits, time_diagnostics,
+                          topk_indices, v2t_in_group)
 
 RERANK_SCORES = ("sum", "prob", "logit")
 
@@ -430,6 +431,55 @@ def evaluate(model, tokenizer, ann, frames=8, size=96, batch_size=32, workers=0,
     if dsl:
         metrics["dsl_temp"] = dsl_temp
     return metrics
+
+
+
+@torch.no_grad()
+def evaluate_probes(model, tokenizer, root, size=96, batch_size=32, workers=0,
+                    dtype=torch.float32, n_boot=1000, progress=False):
+    """What an image CLIP knows of place and colour, on the probe stills under `root` (see
+    `hvfm.data.synthetic_images.generate_probes`: groups of two stills that differ only in the
+    place of their objects, mirrored along one axis, or in an object's colour). Per kind
+    (place_lr, place_tb, relation, colour): `own_vs_alt`, how often a still scores its own caption
+    above the group's other caption (the own caption against its mirrored or recoloured twin),
+    and `t2i`, how often a caption picks its own still of the two, each with a 95% bootstrap
+    interval over groups (`n_boot` resamples); `caption_spread` (text tower: 0 when the two
+    captions map to one point); chance is 0.5 for both."""
+    ann = read_annotations(Path(root) / "probes.json", root, clean=clean_caption)
+    _, _, temb, vemb, _ = _encode_checked(model, tokenizer, ann, "raise", False, batch_size,
+                                          progress, frames=1, size=size, workers=workers,
+                                          drop_ratio=None, views=1, seed=0, dtype=dtype,
+                                          pool="joint")
+    sims = mean_similarity(temb, vemb)
+    groups = np.asarray([e["group"] for e in ann.extra])
+    kinds = np.asarray([e["kind"] for e in ann.extra], dtype=object)
+    text_video = np.asarray(ann.pair_video)
+    t2i, _ = temporal_hits(sims, text_video, groups)
+    i2t, _ = v2t_in_group(sims, text_video, groups)
+    out = {}
+    for kind in sorted(set(kinds.tolist())):
+        vid = kinds == kind
+        rows = vid[text_video]
+        own = group_bootstrap_ci(i2t[vid], groups[vid], n_boot, 0)
+        pick = group_bootstrap_ci(t2i[rows], groups[text_video][rows], n_boot, 0)
+        out[kind] = {"own_vs_alt": float(np.mean(i2t[vid])), "own_vs_alt_ci": list(own),
+                     "t2i": float(np.mean(t2i[rows])), "t2i_ci": list(pick),
+                     "caption_spread": caption_spread(temb[rows],
+                                                      groups[text_video][rows]),
+                     "groups": int(len(np.unique(groups[vid]))), "chance": 0.5}
+    return out
+
+
+def probe_lines(m):
+    """One line per probe kind: own caption vs its mirrored (or recoloured) twin, with intervals."""
+    lines = []
+    for kind, r in m.items():
+        (a, b), (c, d) = r["own_vs_alt_ci"], r["t2i_ci"]
+        lines.append(f"{kind:9} own vs {'recoloured' if kind == 'colour' else 'mirrored'} "
+                     f"{r['own_vs_alt']:.3f} [{a:.2f}, {b:.2f}], caption picks its still "
+                     f"{r['t2i']:.3f} [{c:.2f}, {d:.2f}] over {r['groups']} groups (chance 0.5); "
+                     f"caption spread {_num(r['caption_spread'])}")
+    return lines
 
 
 @torch.no_grad()

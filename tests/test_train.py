@@ -197,6 +197,8 @@ def test_readme_main_command(tmp_path):
     assert "image CLIP: building the built-in one once" in r.stdout or \
         "image CLIP: the built-in one, cached" in r.stdout
     assert "temporal acc" in r.stdout and "harvested video model, 8 frames" in r.stdout
+    if "image CLIP: building" in r.stdout:  # stage 1 measured place and colour on probe stills
+        assert "own vs mirrored" in r.stdout and "own vs recoloured" in r.stdout
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 2
     for when in ("before", "after"):

@@ -241,3 +241,111 @@ def ensure_images(cache_dir=None, n=DEFAULT_IMAGES, n_test=DEFAULT_IMAGES_TEST, 
     want = _meta(n, n_test, size, seed)
     return build_once(final, lambda root: _is_complete(root, want, ".images_complete"),
                       lambda tmp: generate_images(tmp, n, n_test, size, seed, workers, progress))
+
+
+# ----------------------------------------------------------------------------- place probes
+# Held-out stills in groups of two that differ in one attribute, each with its own caption, to
+# measure what the image CLIP's towers know (issue 20): a caption against the same caption with
+# its place words mirrored, and with its colour changed. Kinds (one per group, in turn):
+#   place_lr  one object off the centre column; the other still is mirrored left-right
+#   place_tb  one object off the middle row; the other still is mirrored top-bottom
+#   relation  "A to the left of / above B"; the other still mirrored along that relation's axis
+#   colour    one object; the other still shows it in another colour
+# A mirrored still is the same parameters with x -> 1 - x (or y -> 1 - y), so its caption is
+# the own caption with exactly the words of that axis swapped. Stills come from their own random
+# stream (never the training or test stills).
+PROBE_VERSION = 1
+PROBE_KINDS = ("place_lr", "place_tb", "relation", "colour")
+DEFAULT_PROBE_GROUPS = 200  # per kind
+
+
+def _one_object(rng, want):
+    """Parameters of a one-object still whose object satisfies `want(obj)`."""
+    while True:
+        p = sample_image(rng)
+        p["objects"] = [o for o in p["objects"] if want(o)][:1]
+        if p["objects"]:
+            return p
+
+
+def _two_objects(rng):
+    while True:
+        p = sample_image(rng)
+        if len(p["objects"]) >= 2:
+            p["objects"] = p["objects"][:2]
+            return p
+
+
+def _mirror(params, axis):
+    key = "x" if axis == "lr" else "y"
+    return {**params, "objects": [{**o, key: 1.0 - o[key]} for o in params["objects"]]}
+
+
+def _place_caption(params, choice):
+    o = params["objects"][0]
+    row, col = _place(o["x"], o["y"])
+    options = _PLACE_PHRASES.get((row, col)) or (
+        f"at the {row} {col}", f"in the {row} {col} corner",
+        f"{'up' if row == 'top' else 'down'} on the {col}")
+    text = " ".join([o["size"], o["colour"], o["shape"]])
+    return f"{_article(text)} {text} {options[choice % len(options)]}"
+
+
+def _relation_caption(params):
+    a, b = params["objects"]
+    return f"{_name(a, None)} {_relation(a, b)} {_name(b, None)}"
+
+
+def probe_group(seed, kind, index):
+    """[(parameters, caption, variant)] x 2 of one probe group, drawn from (seed, kind, index)."""
+    rng = np.random.default_rng([int(seed), 12, PROBE_KINDS.index(kind), int(index)])
+    choice = int(rng.integers(3))
+    if kind in ("place_lr", "place_tb"):
+        axis = kind[-2:]
+        off = (lambda o: _place(o["x"], o["y"])[1] != "center") if axis == "lr" else \
+              (lambda o: _place(o["x"], o["y"])[0] != "middle")
+        p = _one_object(rng, off)
+        q = _mirror(p, axis)
+        return [(p, _place_caption(p, choice), "own"), (q, _place_caption(q, choice), "mirrored")]
+    if kind == "relation":
+        p = _two_objects(rng)
+        a, b = p["objects"]
+        axis = "lr" if abs(a["x"] - b["x"]) >= abs(a["y"] - b["y"]) else "tb"
+        q = _mirror(p, axis)
+        return [(p, _relation_caption(p), "own"), (q, _relation_caption(q), "mirrored")]
+    p = _one_object(rng, lambda o: True)
+    o = p["objects"][0]
+    others = [c for c in IMAGE_COLOURS if c != o["colour"] and _contrast_ok(c, p["background"])]
+    q = {**p, "objects": [{**o, "colour": str(rng.choice(others))}]}
+    return [(p, _place_caption(p, choice), "own"), (q, _place_caption(q, choice), "recoloured")]
+
+
+def generate_probes(out_dir, groups=DEFAULT_PROBE_GROUPS, size=96, seed=0, workers=1):
+    """Write `groups` probe groups per kind under out_dir: probes/*.png and probes.json
+    ([{"image", "caption", "group", "kind", "variant"}], readable by read_annotations)."""
+    out = Path(out_dir)
+    (out / "probes").mkdir(parents=True, exist_ok=True)
+    entries, tasks, g = [], [], 0
+    for index in range(int(groups)):
+        for kind in PROBE_KINDS:
+            for params, caption, variant in probe_group(seed, kind, index):
+                rel = f"probes/g{g:05d}_{variant}.png"
+                entries.append({"image": rel, "caption": caption, "group": g, "kind": kind,
+                                "variant": variant})
+                tasks.append((str(out / rel), params, size, int(seed) * 100003 + g))
+            g += 1
+    run_tasks(_write, tasks, workers, False, "probes", chunksize=64)
+    (out / "probes.json").write_text(json.dumps(entries, indent=0))
+    meta = {"generator": f"hvfm.data.synthetic_images probes v{PROBE_VERSION}",
+            "version": PROBE_VERSION, "groups": int(groups), "size": int(size), "seed": int(seed)}
+    (out / ".probes_complete").write_text(json.dumps(meta, indent=1, sort_keys=True))
+    return out
+
+
+def ensure_probes(cache_dir=None, groups=DEFAULT_PROBE_GROUPS, size=96, seed=0, workers=1):
+    """The probe stills for these parameters, generated once under cache_dir (see generate_probes)."""
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    final = cache / f"probes_g{groups}_s{size}_seed{seed}_v{PROBE_VERSION}"
+    want = {"version": PROBE_VERSION, "groups": int(groups), "size": int(size), "seed": int(seed)}
+    return build_once(final, lambda root: _is_complete(root, want, ".probes_complete"),
+                      lambda tmp: generate_probes(tmp, groups, size, seed, workers))
