@@ -58,6 +58,9 @@ GENERATOR = f"hvfm.data.synthetic v{VERSION}"
 FPS = 8
 CLIPS_PER_PAGE = 1000
 BACKGROUND = (40, 40, 48)
+# The built-in corpus: 4000 training clips; 1200 test clips = 400 groups, 200 per kind (motion
+# groups of 4 clips, order groups of 2), enough for a 95% interval of about +-0.05 per kind.
+DEFAULT_TRAIN, DEFAULT_TEST = 4000, 1200
 COLOURS = {
     "red": (230, 30, 30), "green": (30, 200, 50), "blue": (40, 80, 255), "yellow": (245, 225, 30),
     "white": (250, 250, 250), "cyan": (30, 225, 230), "magenta": (225, 40, 225),
@@ -301,7 +304,7 @@ def _params_meta(n_train, n_test, frames, size, seed):
             "fps": FPS}
 
 
-def generate(out_dir, n_train=4000, n_test=200, frames=17, size=96, seed=0, workers=1,
+def generate(out_dir, n_train=DEFAULT_TRAIN, n_test=DEFAULT_TEST, frames=17, size=96, seed=0, workers=1,
              progress=False):
     """Write the corpus under out_dir (see module docstring); returns its CorpusPaths."""
     if size % 2 or size < 8:
@@ -356,7 +359,7 @@ def _is_complete(root, want, marker=".complete"):
     return all(have.get(k) == v for k, v in want.items())
 
 
-def ensure_corpus(cache_dir=None, n_train=4000, n_test=200, frames=17, size=96, seed=0,
+def ensure_corpus(cache_dir=None, n_train=DEFAULT_TRAIN, n_test=DEFAULT_TEST, frames=17, size=96, seed=0,
                   workers=1, progress=False):
     """Generate the corpus for these parameters once under cache_dir and reuse it afterwards.
 
@@ -404,8 +407,8 @@ def main(argv=None):
         "\n")[0] + " With --images: the image-text corpus of stills.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("out", help="output folder")
-    ap.add_argument("--train", type=int, default=4000, help="number of train clips")
-    ap.add_argument("--test", type=int, default=200, help="test clips (rounded to whole groups)")
+    ap.add_argument("--train", type=int, default=DEFAULT_TRAIN, help="number of train clips")
+    ap.add_argument("--test", type=int, default=DEFAULT_TEST, help="test clips (rounded to whole groups)")
     ap.add_argument("--frames", type=int, default=17, help="odd: the middle frame is the centre")
     ap.add_argument("--size", type=int, default=96, help="frame side in pixels (even)")
     ap.add_argument("--seed", type=int, default=0)
