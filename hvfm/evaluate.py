@@ -107,8 +107,8 @@ from hvfm.data.transform import prepare_batch  # noqa: E402  # device transform
 # callers that import them from hvfm.evaluate.
 from hvfm.metrics import (DSL_TEMP, caption_spread, dual_softmax,  # noqa: E402,F401
                           group_bootstrap_ci, mc_accuracy, mc_option_scores, mean_similarity,
-                          ranks, recall_metrics, rerank, rerank_pairs, rerank_sum, rerank_topk,
-                          retrieval_metrics, temporal_accuracy, temporal_hits, time_diagnostics,
+                          r1_intervals, ranks, recall_metrics, rerank, rerank_pairs, rerank_sum,
+                          rerank_topk, retrieval_metrics, temporal_accuracy, temporal_hits, time_diagnostics,
                           topk_indices, v2t_in_group)
 
 RERANK_SCORES = ("sum", "prob", "logit")
@@ -416,6 +416,7 @@ def evaluate(model, tokenizer, ann, frames=8, size=96, batch_size=32, workers=0,
             return vals
         t2v, v2t = rerank(t2v, v2t, rerank_k, score_pairs)
     metrics = retrieval_metrics(t2v, ann.pair_video, v2t)
+    metrics.update(r1_intervals(t2v, ann.pair_video, v2t, n_boot=n_boot))
     if ann.extra and all("group" in e for e in ann.extra):
         groups = [e["group"] for e in ann.extra]
         kinds = [e.get("kind", "all") for e in ann.extra]

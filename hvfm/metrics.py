@@ -45,6 +45,21 @@ def retrieval_metrics(scores, text_video, v2t_scores=None):
             **recall_metrics(ranks(v2t_scores.T, correct.T), "v2t")}
 
 
+def r1_intervals(scores, text_video, v2t_scores=None, n_boot=1000, seed=0):
+    """95% bootstrap intervals (percent) of t2v and v2t R@1 as `retrieval_metrics` counts them:
+    caption hits resampled by their video (a video's captions together), video hits by video.
+    Keys t2v_r1_ci, v2t_r1_ci."""
+    scores = np.asarray(scores)
+    v2t_scores = scores if v2t_scores is None else np.asarray(v2t_scores)
+    text_video = np.asarray(text_video)
+    correct = text_video[:, None] == np.arange(scores.shape[1])[None, :]
+    t2v = (ranks(scores, correct) <= 1).astype(np.float64)
+    v2t = (ranks(v2t_scores.T, correct.T) <= 1).astype(np.float64)
+    return {"t2v_r1_ci": [100.0 * x for x in group_bootstrap_ci(t2v, text_video, n_boot, seed)],
+            "v2t_r1_ci": [100.0 * x for x in group_bootstrap_ci(
+                v2t, np.arange(scores.shape[1]), n_boot, seed)]}
+
+
 def mean_similarity(temb, vemb):
     """Mean over views of the (n_text, n_video) similarities of text embeddings (n_text, P) and
     video embeddings (views, n_video, P), as float64 numpy (tensors or arrays in; the products

@@ -353,3 +353,17 @@ def test_time_diagnostics_per_kind():
     d2 = time_diagnostics(scores, temb, vemb, np.arange(6), caps, groups, kinds,
                           hit_scores=np.eye(6), n_boot=10)
     assert d2["motion_acc"] == 1.0 and d2["motion_v2t_in_group"] == pytest.approx(0.25)
+
+
+def test_r1_intervals_hold_the_point_and_narrow_with_more_data():
+    from hvfm.metrics import r1_intervals
+    rng = np.random.default_rng(0)
+    for n in (40, 400):
+        scores = rng.normal(size=(n, n)) + 1.2 * np.eye(n)
+        m = retrieval_metrics(scores, np.arange(n))
+        ci = r1_intervals(scores, np.arange(n), n_boot=500)
+        for d in ("t2v", "v2t"):
+            lo, hi = ci[f"{d}_r1_ci"]
+            assert lo <= m[f"{d}_r1"] <= hi and 0 < hi - lo < (40 if n == 40 else 15)
+    perfect = r1_intervals(np.eye(5), np.arange(5))
+    assert perfect["t2v_r1_ci"] == [100.0, 100.0]
