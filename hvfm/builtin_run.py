@@ -8,7 +8,7 @@ import os
 import shutil
 from pathlib import Path
 
-from hvfm.config import BUILTIN_IMAGE, is_builtin, parse_args
+from hvfm.config import BUILTIN_IMAGE, SWAP_WEIGHT, is_builtin, parse_args
 from hvfm.data import read_annotations
 from hvfm.data.text import clean_caption, ensure_tokenizer
 from hvfm.distributed import broadcast
@@ -148,7 +148,8 @@ def image_clip_key(args):
     from hvfm.data.synthetic_images import DEFAULT_IMAGES, IMAGE_VERSION
     return {"preset": args.model, "seed": args.seed, "images": DEFAULT_IMAGES,
             "image_generator": IMAGE_VERSION, "tokenizer": TOKENIZER_VERSION, **BUILTIN_IMAGE,
-            "max_steps": args.image_steps or BUILTIN_IMAGE["max_steps"]}
+            "max_steps": args.image_steps or BUILTIN_IMAGE["max_steps"],
+            "swap_weight": SWAP_WEIGHT["image"]}
 
 
 def ensure_image_clip(args, rank):
@@ -176,7 +177,8 @@ def ensure_image_clip(args, rank):
             "--seed", str(args.seed), "--attn", args.attn, "--precision", args.precision,
             "--workers", str(args.workers), "--output-dir", str(tmp),
             "--max-steps", str(key["max_steps"]), "--max-minutes", str(key["max_minutes"]),
-            "--drop-ratio", key["drop_ratio"], *(["--verbose"] if args.verbose else [])]
+            "--drop-ratio", key["drop_ratio"], "--swap-weight", str(key["swap_weight"]),
+            *(["--verbose"] if args.verbose else [])]
     from hvfm.train import train  # the same trainer, stage 1 (imported here: it imports this module)
     summary = train(parse_args(argv), label="image CLIP")
     if rank == 0:

@@ -21,6 +21,9 @@ IMAGE_CROP = (0.9, 1.0)  # stills: their captions name places, which a large cro
 SAVE_EVERY_MINUTES = 30.0  # on your data: a multi-day run loses at most this much to a crash
 BUILTIN_IMAGE = {"max_steps": 1200, "lr": 5e-4, "batch_size": 64, "max_minutes": 8.0,
                  "drop_ratio": "0.5"}
+# The caption-swap term's default weight per stage, chosen by measurement (README "What teaches
+# time", profiling/results/ablate_time.md): on in the image stage, off in the video stage.
+SWAP_WEIGHT = {"image": 0.2, "video": 0.0}
 ATTN_CHOICES = ("auto", "sdpa", "torch-varlen", "triton", "flash_attn", "xformers")
 PRESETS = ("tiny", "vit-b16", "vit-l14")
 DESCRIPTION = "hvfm training entry point: `deepspeed hvfm/train.py --deepspeed ds_configs/z2.json [flags]`."
@@ -114,14 +117,15 @@ def parse_args(argv=None):
                    help="image stage: that fraction of the stills also enters its batch mirrored "
                         "(left-right or top-bottom) with its place words swapped, a hard negative "
                         "that only position tells apart")
-    t.add_argument("--swap-weight", type=float, default=0.0, metavar="W",
+    t.add_argument("--swap-weight", type=float, default=None, metavar="W",
                    help="weight of the caption-swap term (any stage, any data): each caption with "
                         "a pair of place, direction or time words (left/right, top/bottom, up/down, "
                         "into/out of, before/after, 'A then B', ...) is swapped and encoded (one "
                         "more text-tower pass), and two cross-entropies are added: [s(v,t), "
-                        "s(t,t_swap)] and [s(v,t), s(v,t_swap)], the own caption the target. "
-                        "Default 0 (off) for now: the weights are to be chosen by measurement "
-                        "(issue 20, point 2)")
+                        "s(t,t_swap)] and [s(v,t), s(v,t_swap)], the own caption the target "
+                        f"(default: {SWAP_WEIGHT['image']:g} in the image stage, where it teaches "
+                        f"the text tower its place words; {SWAP_WEIGHT['video']:g} in the video "
+                        "stage, whose image model should know them already)")
     o = ap.add_argument_group("schedule and output")
     o.add_argument("--max-steps", type=int, default=None,
                    help=f"default: --epochs' steps; the image stage on the built-in stills: "
@@ -294,6 +298,8 @@ def check_args(args, cuda):
         assert len(weights) == 3 and min(weights) >= 0
     except (ValueError, AssertionError):
         raise ConfigError(f"--loss-weights {args.loss_weights}: give three numbers VTC,VTM,MLM >= 0") from None
+    if args.swap_weight is None:
+        args.swap_weight = SWAP_WEIGHT["image" if args.stage == "image" else "video"]
     if not 0.0 <= args.swap_weight:
         raise ConfigError(f"--swap-weight {args.swap_weight:g}: give a number >= 0")
     from hvfm.model import parse_drop_ratio

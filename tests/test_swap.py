@@ -245,10 +245,16 @@ def test_flag_default_help_and_bad_value(tmp_path):
     from hvfm import config
     ds = str(Path(__file__).resolve().parents[1] / "ds_configs" / "z2.json")
     base = ["--deepspeed", ds, "--precision", "fp32", "--output-dir", str(tmp_path / "out")]
-    args = config.parse_args(base)
-    assert args.swap_weight == 0.0 and config.check_run(args, cuda=False)[0]["swap"] == 0.0
-    args = config.parse_args([*base, "--stage", "image", "--swap-weight", "0.2"])
-    assert config.check_run(args, cuda=False)[0] == {"vtc": 1.0, "vtm": 0.0, "mlm": 0.0, "swap": 0.2}
+    args = config.parse_args(base)  # the video stage: off unless asked
+    assert config.check_run(args, cuda=False)[0]["swap"] == 0.0 == config.SWAP_WEIGHT["video"]
+    args = config.parse_args([*base, "--stage", "image"])  # the image stage: on by default
+    assert config.check_run(args, cuda=False)[0] == {"vtc": 1.0, "vtm": 0.0, "mlm": 0.0,
+                                                      "swap": config.SWAP_WEIGHT["image"]}
+    assert config.SWAP_WEIGHT["image"] > 0 and args.swap_weight == config.SWAP_WEIGHT["image"]
+    args = config.parse_args([*base, "--stage", "image", "--swap-weight", "0"])
+    assert config.check_run(args, cuda=False)[0]["swap"] == 0.0
+    args = config.parse_args([*base, "--swap-weight", "0.1"])
+    assert config.check_run(args, cuda=False)[0]["swap"] == 0.1
     for bad in ("-1", "nan"):
         with pytest.raises(config.ConfigError) as e:
             config.check_run(config.parse_args([*base, "--swap-weight", bad]), cuda=False)
@@ -257,4 +263,4 @@ def test_flag_default_help_and_bad_value(tmp_path):
     with pytest.raises(SystemExit), contextlib.redirect_stdout(out):
         config.parse_args(["--help"])
     text = " ".join(out.getvalue().split())
-    assert "--swap-weight W" in text and "Default 0 (off) for now" in text and "issue 20" in text
+    assert "--swap-weight W" in text and "(default: 0.2 in the image stage" in text

@@ -1,0 +1,254 @@
+"""What teaches time, measured with the real trainer (issue 20): the caption-swap term's weight in
+the image stage and in the video stage, each run evaluated with 95% intervals.
+
+Studies (each run is `hvfm/train.py` on the built-in corpora, a world of one; flags after `--`
+go to every run):
+
+- stage1: the built-in image stage (stills) at `--swap-weight W` for every weight and seed. Per
+  run, on held-out stills: own caption against its mirrored twin (place left-right, top-bottom,
+  relations) and against its recoloured twin (colour), from `hvfm.evaluate.evaluate_probes`, and
+  text-to-image R@1 on the test stills; each with its 95% bootstrap interval.
+- stage2: the harvest on the built-in clips from one image CLIP (`--clip`, default the stage-1 run
+  at `--pick` weight, seed 0) with the term in the video stage at each weight: motion and order
+  accuracy (all frames and one frame), t2v / v2t R@1, each with its interval, the final VTM
+  loss against its prior, and the image CLIP's row.
+
+Runs are the same whatever the machine's load: steps are fixed (`--max-minutes` far out of
+reach) and the precision is given (`--precision`, bf16 by default). `--jobs 2` runs two at a
+time, `--threads` each; a run folder with a finished summary is reused, so a study can be
+extended or resumed.
+
+    python profiling/ablate_time.py stage1 --weights 0 0.05 0.1 0.2 0.5 --seeds 0 1 --jobs 2
+    python profiling/ablate_time.py stage2 --pick 0.2 --weights 0 0.1 0.2 --jobs 2
+    python profiling/ablate_time.py report            # tables from the runs so far
+
+On this project's 2-core CPU a stage-1 run (1,200 steps of 64 stills, one thread) takes 10-13
+minutes, a stage-2 run (2 epochs of the 4,000 clips) 10-15. Writes ablate_time.json and
+ablate_time.md into --out; run folders and logs stay under --runs-dir.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from profiling.machine import RESULTS, machine_info, markdown_table, run_logged, write_json, write_markdown  # noqa: E402
+
+VTM_PRIOR = 0.5623  # cross-entropy of 1 positive in 4 pairs (positive, 2 hard negatives, reversed)
+PROBE_KINDS = ("place_lr", "place_tb", "relation", "colour")
+
+
+def run_name(stage, weight, seed, tag=None):
+    """s1_w{weight}_seed{seed}; stage 2: s2_{tag of the image CLIP}_w{weight}_seed{seed}."""
+    return f"s{stage}_{tag + '_' if tag else ''}w{weight:g}_seed{seed}"
+
+
+def parse_name(name):
+    m = re.fullmatch(r"s(?P<stage>[12])_(?:(?P<tag>.+)_)?w(?P<w>[0-9.e-]+)_seed(?P<s>\d+)", name)
+    return None if m is None else (int(m["stage"]), m["tag"], float(m["w"]), int(m["s"]))
+
+
+def child_env(threads):
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env.setdefault("DS_ACCELERATOR", "cpu")
+    env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT"):  # each run is a world of its own
+        env.pop(k, None)
+    return env
+
+
+def finished(out):
+    return (Path(out) / "summary.json").is_file() and (Path(out) / "final").is_dir()
+
+
+def train(out, flags, args):
+    """One training run into `out` (reused when it finished before); returns (out, exit code)."""
+    out = Path(out)
+    if finished(out):
+        return out, 0
+    if out.exists():  # an interrupted run: start it again (the runs are short)
+        import shutil
+        shutil.rmtree(out)
+    cmd = [sys.executable, "hvfm/train.py", "--deepspeed", args.deepspeed, "--precision",
+           args.precision, "--max-minutes", "100000", "--output-dir", str(out), *flags, *args.extra]
+    print(f"run {out.name}: {' '.join(cmd[1:])}", flush=True)
+    code = run_logged(cmd, out.parent / f"{out.name}.log", env=child_env(args.threads))
+    print(f"run {out.name}: exit {code}", flush=True)
+    return out, code
+
+
+def run_all(jobs, args):
+    with ThreadPoolExecutor(max(1, args.jobs)) as pool:
+        return list(pool.map(lambda j: train(*j, args), jobs))
+
+
+# ----------------------------------------------------------------------------- evaluation
+def stage1_eval(out, seed):
+    """Probe stills and test stills of a finished stage-1 run (cached in OUT/ablate_eval.json)."""
+    cache = Path(out) / "ablate_eval.json"
+    if cache.is_file():
+        return json.loads(cache.read_text())
+    import torch
+    from hvfm.data import read_annotations
+    from hvfm.data.synthetic_images import ensure_images, ensure_probes
+    from hvfm.data.text import clean_caption
+    from hvfm.evaluate import evaluate, evaluate_probes, load_checkpoint
+    torch.manual_seed(0)
+    model, tokenizer, _ = load_checkpoint(Path(out) / "final")
+    model.eval()
+    stills = ensure_images(seed=seed)
+    test = read_annotations(stills / "images_test.json", stills, clean=clean_caption)
+    r = evaluate(model, tokenizer, test, frames=1, size=96)
+    res = {"probes": evaluate_probes(model, tokenizer, ensure_probes(seed=seed), size=96),
+           "t2i_r1": r["t2v_r1"], "t2i_r1_ci": r["t2v_r1_ci"], "i2t_r1": r["v2t_r1"],
+           "i2t_r1_ci": r["v2t_r1_ci"]}
+    cache.write_text(json.dumps(res, indent=1))
+    return res
+
+
+def _ci(x, ci, fmt=".2f", scale=1.0):
+    if x is None:
+        return "-"
+    if not ci:
+        return f"{x * scale:{fmt}}"
+    return f"{x * scale:{fmt}} [{ci[0] * scale:{fmt}}, {ci[1] * scale:{fmt}}]"
+
+
+def stage1_rows(runs_dir):
+    rows = []
+    for out in sorted(Path(runs_dir).glob("s1_w*_seed*")):
+        if not finished(out) or parse_name(out.name) is None:
+            continue
+        _, _, weight, seed = parse_name(out.name)
+        summary = json.loads((out / "summary.json").read_text())
+        rows.append({"run": out.name, "weight": float(weight), "seed": int(seed),
+                     "steps": summary["steps"], "wall_min": summary["wall_s"] / 60,
+                     **stage1_eval(out, int(seed))})
+    return sorted(rows, key=lambda r: (r["weight"], r["seed"]))
+
+
+def stage2_rows(runs_dir):
+    rows = []
+    for out in sorted(Path(runs_dir).glob("s2_*_seed*")):
+        if not finished(out) or parse_name(out.name) is None:
+            continue
+        _, tag, weight, seed = parse_name(out.name)
+        s = json.loads((out / "summary.json").read_text())
+        rows.append({"run": out.name, "weight": weight, "seed": seed, "clip": tag,
+                     "steps": s["steps"], "wall_min": s["wall_s"] / 60,
+                     "vtm_loss": s.get("last_losses", {}).get("vtm"),
+                     "before": s["eval"].get("before"), "after": s["eval"].get("after")})
+    return sorted(rows, key=lambda r: (r["clip"], r["weight"], r["seed"]))
+
+
+def stage1_table(rows):
+    head = ["swap weight", "seed", "steps", "place l-r", "place t-b", "relation", "colour",
+            "t2i R@1", "i2t R@1", "train min"]
+    body = []
+    for r in rows:
+        p = r["probes"]
+        body.append([f"{r['weight']:g}", str(r["seed"]), str(r["steps"]),
+                     *[_ci(p[k]["own_vs_alt"], p[k]["own_vs_alt_ci"]) for k in PROBE_KINDS],
+                     _ci(r["t2i_r1"], r["t2i_r1_ci"], ".1f"), _ci(r["i2t_r1"], r["i2t_r1_ci"], ".1f"),
+                     f"{r['wall_min']:.1f}"])
+    return markdown_table(head, body)
+
+
+def _kind(r, kind):
+    return _ci(r.get(f"temporal_acc_{kind}"), r.get(f"{kind}_ci"))
+
+
+def stage2_table(rows):
+    head = ["from image CLIP", "swap weight (stage 2)", "seed", "model", "motion", "order",
+            "1-frame motion", "1-frame order", "t2v R@1", "v2t R@1", "motion spread",
+            f"VTM loss (prior {VTM_PRIOR})"]
+    body, seen = [], set()
+    for r in rows:
+        for who, res in (("image CLIP", r["before"]), ("harvested", r["after"])):
+            if not res or (who == "image CLIP" and r["clip"] in seen):
+                continue
+            a, o = res["all_frames"], res.get("one_frame", {})
+            body.append([r["clip"], "-" if who == "image CLIP" else f"{r['weight']:g}",
+                         str(r["seed"]), who, _kind(a, "motion"), _kind(a, "order"),
+                         _kind(o, "motion"), _kind(o, "order"),
+                         _ci(a["t2v_r1"], [x for x in a.get("t2v_r1_ci", [])], ".1f"),
+                         _ci(a["v2t_r1"], [x for x in a.get("v2t_r1_ci", [])], ".1f"),
+                         f"{a.get('motion_caption_spread', float('nan')):.3f}",
+                         "-" if who == "image CLIP" or r["vtm_loss"] is None else f"{r['vtm_loss']:.3f}"])
+        seen.add(r["clip"])
+    return markdown_table(head, body)
+
+
+def report(args):
+    s1, s2 = stage1_rows(args.runs_dir), stage2_rows(args.runs_dir)
+    info = machine_info()
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in ("before",)} for r in rows]  # noqa: E731
+    write_json(Path(args.out) / "ablate_time.json", {"machine": info, "stage1": s1,
+                                                      "stage2": strip(s2)})
+    body = ""
+    if s1:
+        body += ("## Stage 1: the caption-swap term's weight in the image stage\n\n"
+                 "Own caption against its twin on held-out probe stills (200 groups per kind, "
+                 "chance 0.5), text-to-image R@1 on the 500 test stills; [95% bootstrap interval].\n\n"
+                 + stage1_table(s1) + "\n\n")
+    if s2:
+        body += ("## Stage 2: the term in the video stage, from one image CLIP\n\n"
+                 "Built-in test split (200 groups per kind), 8 frames; chance 0.25 for motion, 0.5 "
+                 "for order; [95% bootstrap interval over groups].\n\n" + stage2_table(s2) + "\n")
+    notes = ["Steps are fixed per run (no time cap) and the precision is given, so load changes "
+             "only the minutes, not the results; minutes were taken with two runs side by side."]
+    write_markdown(Path(args.out) / "ablate_time.md", "What teaches time: the caption-swap term",
+                   info, body or "(no finished runs)", notes)
+    print(body)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("study", choices=("stage1", "stage2", "report"), help="what to run")
+    ap.add_argument("--weights", type=float, nargs="+", default=[0.0, 0.05, 0.1, 0.2, 0.5],
+                    help="caption-swap weights (default: 0 0.05 0.1 0.2 0.5)")
+    ap.add_argument("--seeds", type=int, nargs="+", default=None,
+                    help="seeds (default: 0 1 for stage1, 0 for stage2)")
+    ap.add_argument("--clip", default=None,
+                    help="stage2: the image CLIP (default: RUNS_DIR/s1_w{--pick}_seed0/final)")
+    ap.add_argument("--pick", type=float, default=0.2,
+                    help="stage2: the stage-1 weight whose seed-0 run is the image CLIP (default: 0.2)")
+    ap.add_argument("--jobs", type=int, default=1, help="runs at a time (default: 1)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads per run (default: the cores divided by --jobs)")
+    ap.add_argument("--precision", default="bf16", help="every run's --precision (default: bf16)")
+    ap.add_argument("--deepspeed", default="ds_configs/z2.json", help="DeepSpeed config")
+    ap.add_argument("--runs-dir", default="runs/ablate_time", help="run folders and logs")
+    ap.add_argument("--out", default=str(RESULTS), help="where the JSON and markdown go")
+    args, extra = ap.parse_known_args(argv)
+    args.extra = [x for x in extra if x != "--"]
+    args.seeds = args.seeds or ([0, 1] if args.study == "stage1" else [0])
+    args.threads = args.threads or max(1, (os.cpu_count() or 1) // max(1, args.jobs))
+    runs = Path(args.runs_dir)
+    runs.mkdir(parents=True, exist_ok=True)
+    if args.study == "stage1":
+        jobs = [(runs / run_name(1, w, s), ["--stage", "image", "--swap-weight", f"{w:g}",
+                                             "--seed", str(s)]) for w in args.weights for s in args.seeds]
+        run_all(jobs, args)
+    elif args.study == "stage2":
+        clip = args.clip or str(runs / run_name(1, args.pick, 0) / "final")
+        if not Path(clip).is_dir():
+            sys.exit(f"--clip {clip}: no such folder; run the stage1 study first or pass --clip")
+        tag = Path(clip).parent.name if Path(clip).name == "final" else Path(clip).name
+        jobs = [(runs / run_name(2, w, s, tag), ["--clip", clip, "--swap-weight", f"{w:g}",
+                                             "--seed", str(s)]) for w in args.weights for s in args.seeds]
+        run_all(jobs, args)
+    report(args)
+
+
+if __name__ == "__main__":
+    main()
