@@ -1,0 +1,47 @@
+"""profiling/ablate_time.py: run names, and the report from finished run folders."""
+import json
+
+from profiling import ablate_time as at
+
+
+def test_run_names_round_trip():
+    for stage, w, s, tag in ((1, 0.05, 1, None), (1, 0.0, 0, None), (2, 0.2, 0, "s1_w0.2_seed0")):
+        name = at.run_name(stage, w, s, tag)
+        assert at.parse_name(name) == (stage, tag, w, s)
+    assert at.parse_name("something_else") is None
+
+
+def _probe(x):
+    return {k: {"own_vs_alt": x, "own_vs_alt_ci": [x - 0.1, x + 0.05], "t2i": x,
+                "t2i_ci": [x - 0.1, x], "caption_spread": 0.1, "groups": 200, "chance": 0.5}
+            for k in at.PROBE_KINDS}
+
+
+def _time(motion, order):
+    return {"t2v_r1": 30.0, "t2v_r1_ci": [27.0, 33.0], "v2t_r1": 20.0, "v2t_r1_ci": [18.0, 22.0],
+            "temporal_acc_motion": motion, "motion_ci": [motion - 0.05, motion + 0.02],
+            "temporal_acc_order": order, "order_ci": [order - 0.04, order], "motion_caption_spread": 0.2}
+
+
+def test_report_reads_the_runs(tmp_path):
+    runs = tmp_path / "runs"
+    for w, s, place in ((0.2, 0, 0.97), (0.0, 0, 0.52)):
+        out = runs / at.run_name(1, w, s)
+        (out / "final").mkdir(parents=True)
+        (out / "summary.json").write_text(json.dumps({"steps": 1200, "wall_s": 600.0}))
+        (out / "ablate_eval.json").write_text(json.dumps({"probes": _probe(place), "t2i_r1": 45.0,
+                                                          "t2i_r1_ci": [40.0, 50.0], "i2t_r1": 44.0,
+                                                          "i2t_r1_ci": [39.0, 49.0]}))
+    out = runs / at.run_name(2, 0.0, 0, "s1_w0.2_seed0")
+    (out / "final").mkdir(parents=True)
+    (out / "summary.json").write_text(json.dumps({
+        "steps": 500, "wall_s": 900.0, "last_losses": {"vtm": 0.12},
+        "eval": {"before": {"all_frames": _time(0.25, 0.5)},
+                 "after": {"all_frames": _time(0.93, 0.99), "one_frame": _time(0.26, 0.5)}}}))
+    at.main(["report", "--runs-dir", str(runs), "--out", str(tmp_path / "out")])
+    md = (tmp_path / "out" / "ablate_time.md").read_text()
+    assert "0.97 [0.87, 1.02]" in md and "0.52 [0.42, 0.57]" in md  # both stage-1 runs
+    assert "0.93 [0.88, 0.95]" in md and "0.120" in md  # stage 2: motion, VTM loss
+    rows = json.loads((tmp_path / "out" / "ablate_time.json").read_text())
+    assert [r["weight"] for r in rows["stage1"]] == [0.0, 0.2]
+    assert rows["stage2"][0]["clip"] == "s1_w0.2_seed0"
