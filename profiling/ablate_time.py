@@ -13,6 +13,12 @@ go to every run):
   accuracy (all frames and one frame), t2v / v2t R@1, each with its interval, the final VTM
   loss against its prior, and the image CLIP's row.
 
+- attribution: what each of hvfm's additions to the paper's recipe brings, alone and all
+  together, 2 seeds each (stage 2 seed S from the stage-1 runs of seed S): the caption-swap term
+  in the image stage (the image CLIP at `--pick` against weight 0), reversed-clip negatives,
+  the motion channel, the temporal embedding's LR multiplier (x100 against x1), and the term in
+  the video stage (weight 0.1). The base has none of them.
+
 Runs are the same whatever the machine's load: steps are fixed (`--max-minutes` far out of
 reach) and the precision is given (`--precision`, bf16 by default). `--jobs 2` runs two at a
 time, `--threads` each; a run folder with a finished summary is reused, so a study can be
@@ -20,6 +26,7 @@ extended or resumed.
 
     python profiling/ablate_time.py stage1 --weights 0 0.05 0.1 0.2 0.5 --seeds 0 1 --jobs 2
     python profiling/ablate_time.py stage2 --pick 0.2 --weights 0 0.1 0.2 --jobs 2
+    python profiling/ablate_time.py attribution --seeds 0 1 --jobs 2
     python profiling/ablate_time.py report            # tables from the runs so far
 
 On this project's 2-core CPU a stage-1 run (1,200 steps of 64 stills, one thread) takes 10-13
@@ -53,6 +60,26 @@ def run_name(stage, weight, seed, tag=None):
 def parse_name(name):
     m = re.fullmatch(r"s(?P<stage>[12])_(?:(?P<tag>.+)_)?w(?P<w>[0-9.e-]+)_seed(?P<s>\d+)", name)
     return None if m is None else (int(m["stage"]), m["tag"], float(m["w"]), int(m["s"]))
+
+
+# (name, uses the swap-trained image CLIP, stage-2 flags); the base: none of the additions
+ADDITIONS = (("swap term in stage 1", True, []),
+             ("reversed-clip negatives", False, ["--reverse-negatives", "1"]),
+             ("motion channel", False, ["--motion-channel"]),
+             ("temporal LR x100", False, ["--temporal-lr-mult", "100"]),
+             ("swap term in stage 2", False, ["--swap-weight", "0.1"]))
+BASE = ["--reverse-negatives", "0", "--no-motion-channel", "--temporal-lr-mult", "1",
+        "--swap-weight", "0"]
+
+
+def attribution_variants():
+    """(label, tag, uses the swap-trained image CLIP, flags): the base, each addition alone, all."""
+    out = [("base: VTC + VTM + MLM, none of the additions", "base", False, BASE)]
+    for i, (name, swap_clip, flags) in enumerate(ADDITIONS):
+        out.append((f"+ {name}", f"add{i}", swap_clip, BASE + flags))
+    every = BASE + [x for _, _, f in ADDITIONS for x in f]
+    out.append(("all together", "all", True, every))
+    return out
 
 
 def child_env(threads):
@@ -149,6 +176,33 @@ def stage2_rows(runs_dir):
     return sorted(rows, key=lambda r: (r["clip"], r["weight"], r["seed"]))
 
 
+def attribution_rows(runs_dir):
+    rows = []
+    for label, tag, _, _ in attribution_variants():
+        for out in sorted(Path(runs_dir).glob(f"attr_{tag}_seed*")):
+            if not finished(out):
+                continue
+            s = json.loads((out / "summary.json").read_text())
+            rows.append({"run": out.name, "variant": label, "seed": int(out.name.rsplit("seed", 1)[1]),
+                         "steps": s["steps"], "wall_min": s["wall_s"] / 60,
+                         "vtm_loss": s.get("last_losses", {}).get("vtm"),
+                         "after": s["eval"].get("after")})
+    return rows
+
+
+def attribution_table(rows):
+    head = ["variant", "seed", "motion", "order", "1-frame motion", "1-frame order", "t2v R@1",
+            "v2t R@1", f"VTM loss (prior {VTM_PRIOR})"]
+    body = []
+    for r in rows:
+        a, o = r["after"]["all_frames"], r["after"].get("one_frame", {})
+        body.append([r["variant"], str(r["seed"]), _kind(a, "motion"), _kind(a, "order"),
+                     _kind(o, "motion"), _kind(o, "order"),
+                     _ci(a["t2v_r1"], a.get("t2v_r1_ci"), ".1f"), _ci(a["v2t_r1"], a.get("v2t_r1_ci"), ".1f"),
+                     "-" if r["vtm_loss"] is None else f"{r['vtm_loss']:.3f}"])
+    return markdown_table(head, body)
+
+
 def stage1_table(rows):
     head = ["swap weight", "seed", "steps", "place l-r", "place t-b", "relation", "colour",
             "t2i R@1", "i2t R@1", "train min"]
@@ -189,10 +243,11 @@ def stage2_table(rows):
 
 def report(args):
     s1, s2 = stage1_rows(args.runs_dir), stage2_rows(args.runs_dir)
+    attr = attribution_rows(args.runs_dir)
     info = machine_info()
     strip = lambda rows: [{k: v for k, v in r.items() if k not in ("before",)} for r in rows]  # noqa: E731
     write_json(Path(args.out) / "ablate_time.json", {"machine": info, "stage1": s1,
-                                                      "stage2": strip(s2)})
+                                                      "stage2": strip(s2), "attribution": attr})
     body = ""
     if s1:
         body += ("## Stage 1: the caption-swap term's weight in the image stage\n\n"
@@ -203,6 +258,11 @@ def report(args):
         body += ("## Stage 2: the term in the video stage, from one image CLIP\n\n"
                  "Built-in test split (200 groups per kind), 8 frames; chance 0.25 for motion, 0.5 "
                  "for order; [95% bootstrap interval over groups].\n\n" + stage2_table(s2) + "\n")
+    if attr:
+        body += ("\n## Attribution: each addition alone and all together\n\n"
+                 "Stage 2 on the built-in clips from the stage-1 run of the same seed (the swap-"
+                 "trained one where the variant says so, else weight 0); the base has none of the "
+                 "additions.\n\n" + attribution_table(attr) + "\n")
     notes = ["Steps are fixed per run (no time cap) and the precision is given, so load changes "
              "only the minutes, not the results; minutes were taken with two runs side by side."]
     write_markdown(Path(args.out) / "ablate_time.md", "What teaches time: the caption-swap term",
@@ -213,7 +273,8 @@ def report(args):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("study", choices=("stage1", "stage2", "report"), help="what to run")
+    ap.add_argument("study", choices=("stage1", "stage2", "attribution", "report"),
+                    help="what to run")
     ap.add_argument("--weights", type=float, nargs="+", default=[0.0, 0.05, 0.1, 0.2, 0.5],
                     help="caption-swap weights (default: 0 0.05 0.1 0.2 0.5)")
     ap.add_argument("--seeds", type=int, nargs="+", default=None,
@@ -231,7 +292,7 @@ def main(argv=None):
     ap.add_argument("--out", default=str(RESULTS), help="where the JSON and markdown go")
     args, extra = ap.parse_known_args(argv)
     args.extra = [x for x in extra if x != "--"]
-    args.seeds = args.seeds or ([0, 1] if args.study == "stage1" else [0])
+    args.seeds = args.seeds or ([0] if args.study == "stage2" else [0, 1])
     args.threads = args.threads or max(1, (os.cpu_count() or 1) // max(1, args.jobs))
     runs = Path(args.runs_dir)
     runs.mkdir(parents=True, exist_ok=True)
@@ -246,6 +307,17 @@ def main(argv=None):
         tag = Path(clip).parent.name if Path(clip).name == "final" else Path(clip).name
         jobs = [(runs / run_name(2, w, s, tag), ["--clip", clip, "--swap-weight", f"{w:g}",
                                              "--seed", str(s)]) for w in args.weights for s in args.seeds]
+        run_all(jobs, args)
+    elif args.study == "attribution":
+        jobs = []
+        for s in args.seeds:
+            clips = {flag: runs / run_name(1, w, s) / "final" for flag, w in ((True, args.pick), (False, 0.0))}
+            missing = [str(c) for c in clips.values() if not c.is_dir()]
+            if missing:
+                sys.exit(f"attribution: no image CLIP at {', '.join(missing)}; run "
+                         f"`stage1 --weights 0 {args.pick:g} --seeds {s}` first")
+            jobs += [(runs / f"attr_{tag}_seed{s}", ["--clip", str(clips[swap]), "--seed", str(s), *flags])
+                     for _, tag, swap, flags in attribution_variants()]
         run_all(jobs, args)
     report(args)
 

@@ -45,3 +45,22 @@ def test_report_reads_the_runs(tmp_path):
     rows = json.loads((tmp_path / "out" / "ablate_time.json").read_text())
     assert [r["weight"] for r in rows["stage1"]] == [0.0, 0.2]
     assert rows["stage2"][0]["clip"] == "s1_w0.2_seed0"
+
+
+def test_attribution_variants_are_valid_flags():
+    from hvfm import config
+    variants = at.attribution_variants()
+    assert len(variants) == len(at.ADDITIONS) + 2 and len({v[1] for v in variants}) == len(variants)
+    parsed = {tag: config.parse_args(["--deepspeed", "ds_configs/z2.json", *flags])
+              for _, tag, _, flags in variants}
+    base, every = parsed["base"], parsed["all"]
+    assert (base.reverse_negatives, base.motion_channel, base.temporal_lr_mult, base.swap_weight) == \
+        (0.0, False, 1.0, 0.0)
+    assert (every.reverse_negatives, every.motion_channel, every.temporal_lr_mult) == (1.0, True, 100.0)
+    assert every.swap_weight > 0
+    # each "alone" variant differs from the base in exactly one thing
+    for _, tag, swap_clip, _ in variants[1:-1]:
+        a = parsed[tag]
+        changed = [k for k in ("reverse_negatives", "motion_channel", "temporal_lr_mult", "swap_weight")
+                   if getattr(a, k) != getattr(base, k)] + (["clip"] if swap_clip else [])
+        assert len(changed) == 1, (tag, changed)
