@@ -1,6 +1,7 @@
-"""The built-in default's orchestration and the run's data: the built-in corpora (clips, or
-stills in stage 1) and tokenizer, the built-in image CLIP (stage 1, trained once by this trainer
-and cached), the before/after evaluation and the closing comparison table."""
+"""The built-in default, an orchestrator above the training loop (hvfm/loop.py), which it calls
+like any user would: the built-in corpora (clips, or stills in stage 1) and tokenizer, stage 1
+(the built-in image CLIP, trained once by the same loop and cached), stage 2, the before/after
+evaluation and the closing comparison table."""
 from __future__ import annotations
 
 import json
@@ -8,29 +9,77 @@ import os
 import shutil
 from pathlib import Path
 
-from hvfm.config import BUILTIN_IMAGE, is_builtin, parse_args
+from hvfm import loop
+from hvfm.config import BUILTIN_IMAGE, check_run, is_builtin, parse_args, schedule_defaults
 from hvfm.data import read_annotations
-from hvfm.data.text import clean_caption, ensure_tokenizer
+from hvfm.data.text import clean_caption
 from hvfm.distributed import broadcast
+from hvfm.loop import read_data, read_eval_data, tok_dir_needed
 
 
-def tok_dir_needed(args):
-    """Neither --tokenizer nor --clip: the run makes its tokenizer (built-in, or trained on the
-    training captions)."""
-    return args.tokenizer is None and args.clip is None
+def run(args):
+    """The built-in default (no data flags): stage 1 once (cached) unless --clip names an image
+    CLIP, then the loop on the built-in corpus of --stage, the image CLIP evaluated before and
+    the video model after, and the table. Returns the loop's summary."""
+    import torch
+    cuda = torch.cuda.is_available()
+    check_run(args, cuda)  # bad flags: one error line before any corpus or stage 1 is built
+    rank, _ = loop.start_process(args, cuda)
+    if args.stage != "image" and args.clip is None:  # the built-in default harvests: stage 1 first
+        args.clip = str(ensure_image_clip(args, rank))  # (once, cached), then this stage
+    summary = train_builtin(args)
+    print_comparison(summary, args)
+    return summary
+
+
+def train_builtin(args, label=None):
+    """The loop on the built-in corpus of --stage, with the built-in schedule where the flags
+    leave it open (steps or epochs, the image stage's LR, the time cap) and `evaluator`."""
+    args.max_steps = schedule_defaults(args, True, args.stage == "image")
+    return loop.train(args, data=lambda out_dir, rank: prepare_data(args, out_dir, rank),
+                      label=label, evaluate=evaluator(args, label))
+
+
+def evaluator(args, label=None):
+    """The loop's `evaluate` hook: "before", the image CLIP the run starts from with each frame an
+    image (frames mean-pooled; none in the image stage, which starts from random weights);
+    "after", the trained model. Retrieval and temporal accuracy, one line per view."""
+    import torch
+    image = args.stage == "image"
+
+    def evaluate(model, tokenizer, ann, size, when):
+        if when == "before":
+            if image:
+                return None
+            # In fp32, before DeepSpeed casts the weights, so the numbers are the ones `python -m
+            # hvfm.evaluate --checkpoint CLIP_FOLDER` gives.
+            return run_eval(model, tokenizer, ann, args, size, torch.float32,
+                            "image CLIP, frames mean-pooled", 0, pool="mean")
+        return run_eval(model, tokenizer, ann, args, size, torch.float32,
+                        label or ("image CLIP" if image else "harvested"), 0)
+    return evaluate
+
+
+def print_comparison(summary, args):
+    """The closing table, when the run evaluated before and after (rank 0 evaluates; the other
+    ranks' summaries hold no results)."""
+    results = summary.get("eval", {})
+    if "before" in results and "after" in results:
+        print(comparison_table(results["before"], results["after"], args.frames), flush=True)
 
 
 def prepare_data(args, out_dir, rank):
     """(train annotations, eval annotations or None, tokenizer folder or None). With no data flags
     rank 0 generates the built-in corpus of the stage (stills or clips) and the built-in tokenizer;
-    the others wait at the barrier and load them."""
+    the others wait at the barrier and load them. With data flags: the loop's `read_data`."""
     import torch.distributed as dist
     from hvfm.data.synthetic import ensure_corpus
     from hvfm.data.synthetic_images import ensure_images
 
-    builtin = is_builtin(args)
+    if not is_builtin(args):
+        return read_data(args, out_dir, rank)
     train = evaluation = None
-    if builtin and args.stage == "image":
+    if args.stage == "image":
         if rank == 0:
             ensure_images(seed=args.seed, workers=os.cpu_count(), progress=True)
         dist.barrier()
@@ -38,7 +87,7 @@ def prepare_data(args, out_dir, rank):
         train = read_annotations(root / "images.json", root, clean=clean_caption)
         if not args.eval_json:
             evaluation = read_annotations(root / "images_test.json", root, clean=clean_caption)
-    elif builtin:
+    else:
         if rank == 0:
             ensure_corpus(workers=os.cpu_count(), progress=True)
         dist.barrier()
@@ -46,36 +95,15 @@ def prepare_data(args, out_dir, rank):
         train = read_annotations(corpus.train_csv, corpus.train_root, clean=clean_caption)
         if not args.eval_json:
             evaluation = read_annotations(corpus.test_json, corpus.test_root, clean=clean_caption)
-    elif args.train_shards:  # their captions (lazy: read only if a tokenizer must be trained)
-        from hvfm.data.shards import shard_captions
-        train = shard_captions(args.train_shards)
-    elif args.train_csv:  # a WebVid CSV column-wise, this rank's rows only (it has millions)
-        train = read_annotations(args.train_csv, args.video_root, clean=clean_caption,
-                                 rank=rank, world_size=dist.get_world_size(), split="train")
-    else:  # any format hvfm.data.formats detects; every video with all its sentences
-        train = read_annotations(args.train_json, args.video_root, clean=clean_caption,
-                                 split="train")
     if args.eval_json:  # the benchmark's protocol: paragraphs for DiDeMo / ActivityNet
-        evaluation = read_annotations(args.eval_json, args.eval_video_root, clean=clean_caption,
-                                      paragraph=None)
-    if rank == 0 and not builtin:  # the format each file was read as (hvfm.data.formats)
-        from hvfm.data.annotations import describe
-        for flag, ann in (("train", train), ("eval", evaluation)):
-            if getattr(ann, "format", None):
-                print(f"data ({flag}): {describe(ann)}", flush=True)
+        evaluation = read_eval_data(args)
     tok_dir = args.tokenizer
-    if tok_dir_needed(args):
-        if builtin:  # one tokenizer for both built-in corpora; it travels with the image CLIP
-            from hvfm.data.builtin import builtin_tokenizer_dir, ensure_builtin_tokenizer
-            if rank == 0:
-                ensure_builtin_tokenizer(seed=args.seed)
-            dist.barrier()
-            tok_dir = builtin_tokenizer_dir(seed=args.seed)
-        else:
-            tok_dir = out_dir / "tokenizer"
-            if rank == 0:
-                ensure_tokenizer(tok_dir, train)
-            dist.barrier()
+    if tok_dir_needed(args):  # one tokenizer for both built-in corpora; it travels with the image CLIP
+        from hvfm.data.builtin import builtin_tokenizer_dir, ensure_builtin_tokenizer
+        if rank == 0:
+            ensure_builtin_tokenizer(seed=args.seed)
+        dist.barrier()
+        tok_dir = builtin_tokenizer_dir(seed=args.seed)
     return train, evaluation, tok_dir
 
 
@@ -167,8 +195,7 @@ def ensure_image_clip(args, rank):
             "--workers", str(args.workers), "--output-dir", str(tmp),
             "--max-steps", str(key["max_steps"]), "--max-minutes", str(key["max_minutes"]),
             "--drop-ratio", key["drop_ratio"], *(["--verbose"] if args.verbose else [])]
-    from hvfm.train import train  # the same trainer, stage 1 (imported here: it imports this module)
-    summary = train(parse_args(argv), label="image CLIP")
+    summary = train_builtin(parse_args(argv), label="image CLIP")  # the same loop, stage 1
     if rank == 0:
         (tmp / "final" / marker.name).write_text(json.dumps({"key": key, "summary": {
             k: summary[k] for k in ("steps", "wall_s", "eval") if k in summary}}, indent=2))

@@ -51,7 +51,7 @@ the batch). Then, in this order:
   the video once per re-rank pass with the first view's patches.
 `--merge-with-clip ALPHA` first interpolates the weights with the original CLIP (`--clip DIR`,
 default: the run's --clip, else OUTPUT_DIR/init_clip): theta = ALPHA * theta_clip +
-(1 - ALPHA) * theta_post for every parameter CLIP has (see hvfm.export.merge_with_clip).
+(1 - ALPHA) * theta_post for every parameter CLIP has (see hvfm.load.merge_with_clip).
 
 Metrics: R@1/5/10 in percent, median and mean rank; ties count against the model (rank = 1 + the
 number of wrong candidates scoring at least as high as the best correct one). Multiple choice:
@@ -464,7 +464,7 @@ def load_checkpoint(path, attn="sdpa", tag=None, with_info=False, max_frames=16)
     (OUTPUT_DIR/final), a DeepSpeed checkpoint folder or tag folder, a run folder, or a plain HF
     CLIP folder (image CLIP applied to frames, with a fresh fusion encoder that retrieval does
     not use). DataError for anything else."""
-    from hvfm.export import load_any
+    from hvfm.load import load_any
     model, tokenizer, info = load_any(path, attn=attn, tag=tag, max_frames=max_frames)
     return (model, tokenizer, info["kind"], info) if with_info else (model, tokenizer, info["kind"])
 
@@ -594,7 +594,7 @@ def parse_args(argv=None):
 
 def run(args):
     """The CLI's work: returns the output object (rank 0's is printed by main)."""
-    from hvfm.export import merge_with_clip_dir
+    from hvfm.load import merge_with_clip_dir
 
     if args.clip and args.merge_with_clip is None:
         raise DataError("--clip is only used with --merge-with-clip ALPHA")

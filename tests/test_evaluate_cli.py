@@ -18,7 +18,8 @@ from hvfm.data.transform import prepare_batch
 from hvfm.data.eval_data import EvalClipDataset, EvalCollator
 from hvfm.evaluate import evaluate, main
 from hvfm.metrics import dual_softmax, retrieval_metrics, topk_indices
-from hvfm.export import load_export, save_export
+from hvfm.export import save_export
+from hvfm.load import load_export
 from hvfm.model import VideoLanguageModel
 from hvfm.model.testing import tiny_clip
 
