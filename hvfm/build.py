@@ -59,6 +59,7 @@ def build_model(args, tok_dir, out_dir, attn, rank):
     """The video-language model inflated from a CLIP folder (--clip, or the preset saved with
     random weights to OUTPUT_DIR/init_clip first: one loading path), set up for its stage (the
     image stage: `freeze_for_image_stage`)."""
+    import torch
     import torch.distributed as dist
     from hvfm.model import VideoLanguageModel, add_mask_token, save_random_clip
 
@@ -75,6 +76,7 @@ def build_model(args, tok_dir, out_dir, attn, rank):
     build = dict(fusion_layers=args.fusion_layers, fusion_width=args.fusion_width, attn=attn,
                  max_frames=max(args.frames, 16), checkpointing=args.activation_checkpointing,
                  motion=args.motion_channel, vtm_token="last")
+    torch.manual_seed(args.seed)  # the fresh layers (fusion, heads): the same on every rank and run
     model = VideoLanguageModel.from_clip(clip, tokenizer, **build)
     build.pop("checkpointing")
     if args.stage == "image":

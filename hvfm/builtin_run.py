@@ -171,25 +171,33 @@ def image_clip_key(args):
 
 def ensure_image_clip(args, rank):
     """The built-in image CLIP (stage 1 on the built-in stills), trained once by this trainer and
-    cached in HVFM_CACHE/image_clip/ keyed by `image_clip_key`. Every rank takes part."""
+    cached in HVFM_CACHE/image_clip/ keyed by `image_clip_key`. Every rank takes part.
+
+    A stage 1 stopped by its time cap (8 minutes of training, `BUILTIN_IMAGE`) before its steps
+    is cached as cut short: the marker records the steps done and planned. The rule: a later run
+    reuses it (a rebuild on the same machine would most likely stop at the same cap) and says so
+    on its own line, with the steps done, every time; --rebuild-image-clip trains it again and
+    replaces it, and fewer --image-steps give a whole one of their own."""
     import hashlib
     import uuid
 
     import torch.distributed as dist
-    from hvfm.data.synthetic import default_cache_dir
+    from hvfm.data.synthetic_common import cache_root
 
     key = image_clip_key(args)
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
-    folder = default_cache_dir().parent / "image_clip" / f"{args.model}-{digest}"
+    folder = cache_root() / "image_clip" / f"{args.model}-{digest}"
     marker = folder / "hvfm_image_clip.json"
-    if marker.exists():
+    if marker.exists() and not args.rebuild_image_clip:
         if rank == 0:
-            print(f"image CLIP: the built-in one, cached in {folder}", flush=True)
+            entry = read_image_clip_entry(marker, key)
+            print(f"image CLIP: the built-in one, cached in {folder}"
+                  f"{'' if not entry['cut_short'] else ' -- ' + cut_short_note(entry)}", flush=True)
         return folder
     tmp = Path(broadcast(str(folder.with_name(f".{folder.name}.tmp-{uuid.uuid4().hex[:8]}"))))
     if rank == 0:
-        print(f"image CLIP: building the built-in one once (stage 1: the {args.model} preset on "
-              f"the built-in stills, cached in {folder})", flush=True)
+        print(f"image CLIP: {'rebuilding' if marker.exists() else 'building'} the built-in one once "
+              f"(stage 1: the {args.model} preset on the built-in stills, cached in {folder})", flush=True)
     argv = ["--deepspeed", args.deepspeed, "--stage", "image", "--model", args.model,
             "--seed", str(args.seed), "--attn", args.attn, "--precision", args.precision,
             "--workers", str(args.workers), "--output-dir", str(tmp),
@@ -197,9 +205,13 @@ def ensure_image_clip(args, rank):
             "--drop-ratio", key["drop_ratio"], *(["--verbose"] if args.verbose else [])]
     summary = train_builtin(parse_args(argv), label="image CLIP")  # the same loop, stage 1
     if rank == 0:
-        (tmp / "final" / marker.name).write_text(json.dumps({"key": key, "summary": {
-            k: summary[k] for k in ("steps", "wall_s", "eval") if k in summary}}, indent=2))
-        if folder.exists():  # a half-written one (no marker)
+        entry = {"key": key, "steps_done": summary["steps"], "steps_planned": key["max_steps"],
+                 "cut_short": summary["steps"] < key["max_steps"],
+                 "summary": {k: summary[k] for k in ("steps", "wall_s", "eval") if k in summary}}
+        (tmp / "final" / marker.name).write_text(json.dumps(entry, indent=2))
+        if entry["cut_short"]:
+            print(f"image CLIP: cached as cut short -- {cut_short_note(entry)}", flush=True)
+        if folder.exists():  # a half-written one (no marker), or the one --rebuild-image-clip replaces
             shutil.rmtree(folder, ignore_errors=True)
         folder.parent.mkdir(parents=True, exist_ok=True)
         os.rename(tmp / "final", folder)
@@ -207,3 +219,19 @@ def ensure_image_clip(args, rank):
     dist.barrier()
     return folder
 
+
+def read_image_clip_entry(marker, key):
+    """A cached image CLIP's marker with `steps_done`, `steps_planned` and `cut_short` (markers
+    written before they were recorded: from the summary's steps and the key's)."""
+    entry = json.loads(Path(marker).read_text())
+    planned = entry.get("steps_planned", key["max_steps"])
+    done = entry.get("steps_done", entry.get("summary", {}).get("steps", planned))
+    return {**entry, "steps_done": done, "steps_planned": planned, "cut_short": done < planned}
+
+
+def cut_short_note(entry):
+    """Why a cached image CLIP is weaker than a whole one, and what to do about it."""
+    return (f"cut short by its {entry['key']['max_minutes']:g}-minute time cap at {entry['steps_done']} "
+            f"of {entry['steps_planned']} steps (a weaker baseline and start than a whole one); "
+            f"--rebuild-image-clip trains it again, --image-steps {entry['steps_done']} gives a whole "
+            f"one of that many steps")

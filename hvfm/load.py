@@ -283,7 +283,9 @@ def load_any(path, attn=None, tag=None, max_frames=16):
         raise DataError(f"{path}: CLIP folder does not load ({one_line(e)})") from None
     add_mask_token(clip, tokenizer)
     build = dict(fusion_layers=2, fusion_width=None, attn=attn or "sdpa", max_frames=max(16, max_frames))
-    model = VideoLanguageModel.from_clip(clip.float(), tokenizer, **build)
+    with torch.random.fork_rng(devices=[]):  # a fresh fusion encoder, the same every time
+        torch.manual_seed(0)
+        model = VideoLanguageModel.from_clip(clip.float(), tokenizer, **build)
     return model, tokenizer, {"kind": "clip", "build": build, "clip_config": clip.config,
                               "run_dir": None, "source": str(path)}
 
