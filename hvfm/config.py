@@ -55,7 +55,9 @@ def parse_args(argv=None):
                          "as an HF CLIPModel folder for --clip")
     m = ap.add_argument_group("model")
     m.add_argument("--model", default="tiny", help=f"preset without --clip: {', '.join(PRESETS)}")
-    m.add_argument("--clip", metavar="DIR", help="HF CLIPModel folder to start from")
+    m.add_argument("--clip", metavar="DIR_OR_HUB_ID",
+                   help="HF CLIPModel to start from: a folder, or a hub ID such as "
+                        "openai/clip-vit-base-patch16 (fetched once into the Hugging Face cache)")
     m.add_argument("--fusion-layers", type=int, default=2,
                    help="fusion encoder blocks (copied from the text tower's last blocks)")
     m.add_argument("--fusion-width", type=int, default=None, help="default: the text width")

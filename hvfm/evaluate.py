@@ -546,11 +546,13 @@ def parse_args(argv=None):
                     help="annotation file, its format detected from its content: MSR-VTT CSVs or "
                          "MSRVTT_data.json, DiDeMo, ActivityNet Captions, UMT / Singularity / "
                          "VINDLU lists (retrieval or multiple choice), JSON Lines, WebVid CSV")
-    ap.add_argument("--video-root", required=True)
+    ap.add_argument("--video-root", required=True,
+                    help="folder the annotation file's video paths are relative to")
     ap.add_argument("--tag", help="DeepSpeed checkpoint tag (default: the 'latest' file's)")
-    ap.add_argument("--frames", type=int, default=8)
+    ap.add_argument("--frames", type=int, default=8, help="frames sampled per video (default: %(default)s)")
     ap.add_argument("--size", type=int, default=None, help="frame side (default: the model's)")
-    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--batch-size", type=int, default=32,
+                    help="videos or captions encoded at once (default: %(default)s)")
     from hvfm.data.dataset import default_workers  # device transform: --workers default
     ap.add_argument("--workers", type=int, default=default_workers(),  # device transform
                     help="loader worker processes (default: %(default)s here: min(8, cores - 1), "
@@ -574,16 +576,19 @@ def parse_args(argv=None):
                     help="sum: VTM log-odds + VTC logit (scale x cosine); prob: VTM match "
                          "probability alone; logit: VTM log-odds alone")
     ap.add_argument("--dsl", action="store_true", help="dual-softmax re-scoring of the similarity")
-    ap.add_argument("--dsl-temp", type=float, default=DSL_TEMP)
+    ap.add_argument("--dsl-temp", type=float, default=DSL_TEMP,
+                    help="temperature of --dsl's dual softmax (default: %(default)s)")
     ap.add_argument("--mc-by", choices=("sim", "vtm"), default="sim",
                     help="multiple choice: pick by similarity or by VTM match probability")
     ap.add_argument("--merge-with-clip", type=float, default=None, metavar="ALPHA",
                     help="evaluate theta = ALPHA*theta_clip + (1-ALPHA)*theta_post")
     ap.add_argument("--clip", help="original CLIP folder for --merge-with-clip (default: the run's "
                                    "--clip, else OUTPUT_DIR/init_clip)")
-    ap.add_argument("--attn", default="sdpa")
+    ap.add_argument("--attn", default="sdpa",
+                    help="attention backend: sdpa, torch-varlen, triton, flash_attn, xformers (default: %(default)s)")
     ap.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK when available, else cpu")
-    ap.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32")
+    ap.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32",
+                    help="precision of the forward passes (default: %(default)s, the trainer's own closing evaluation's)")
     ap.add_argument("--dump-scores", help="save the caption-by-video similarity matrix (.npy)")
     ap.add_argument("--bootstrap", type=int, default=1000, metavar="N",
                     help="resamples of the groups for the temporal accuracy's 95%% interval")

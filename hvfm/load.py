@@ -207,11 +207,18 @@ def _run_build(run_dir, source):
     return clip.config, tokenizer, build
 
 
-def consolidate_deepspeed(ckpt_dir, tag):
+def consolidate_deepspeed(ckpt_dir, tag, quiet=False):
     """fp32 state dict of a DeepSpeed checkpoint of any ZeRO stage (stage 0: the module states).
-    DeepSpeed's progress messages go to stderr (stdout is for results)."""
+    DeepSpeed's progress messages go to stderr (stdout is for results); `quiet`: nowhere (its
+    "Processing zero checkpoint" lines and "Loading checkpoint shards" bar; errors still raise)."""
+    import os
     ckpt_dir = Path(ckpt_dir)
-    with contextlib.redirect_stdout(sys.stderr):
+    sink = open(os.devnull, "w") if quiet else None
+    with contextlib.ExitStack() as stack:
+        if sink is not None:
+            stack.enter_context(sink)
+            stack.enter_context(contextlib.redirect_stderr(sink))
+        stack.enter_context(contextlib.redirect_stdout(sink or sys.stderr))
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
         try:
             return get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag)

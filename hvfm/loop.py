@@ -302,9 +302,8 @@ def train(args, data=None, label=None, evaluate=None):
             if sync or stopping:  # the last step is always logged
                 losses = dict(zip(LOSSES, values or last.tolist()))
                 lr = scheduler.get_last_lr()[0]
-                bar.set_postfix(loss=f"{losses['loss']:.3f}", vtc=f"{losses['vtc']:.2f}",
-                                vtm=f"{losses['vtm']:.2f}", mlm=f"{losses['mlm']:.2f}",
-                                **({"swap": f"{losses['swap']:.2f}"} if weights["swap"] else {}),
+                bar.set_postfix(loss=f"{losses['loss']:.3f}",  # the terms this run trains
+                                **{k: f"{losses[k]:.2f}" for k in LOSSES[1:] if weights[k]},
                                 lr=f"{lr:.1e}",
                                 sps=f"{samples / elapsed:.1f}", data=f"{t_fetch - t_data:.2f}s",
                                 step=f"{now - t_fetch:.2f}s")
@@ -335,7 +334,8 @@ def train(args, data=None, label=None, evaluate=None):
     if rank == 0:
         # One model, one result: the export, the evaluation below and the DeepSpeed checkpoint
         # all hold the fp32 master weights of the last checkpoint (not the bf16 module).
-        state = checkpoint.export_final(out_dir / "final", ckpt_dir, clip_config, tokenizer, build, image)
+        state = checkpoint.export_final(out_dir / "final", ckpt_dir, clip_config, tokenizer, build, image,
+                                        quiet=not args.verbose)
         if evaluating:
             from hvfm.load import load_state, model_from_config
             final, _ = model_from_config(clip_config, tokenizer, build)

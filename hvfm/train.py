@@ -45,6 +45,24 @@ def run(args):
     return summary
 
 
+def closing_line(args, summary):
+    """Where the run's output is, and the command that uses it next."""
+    out = Path(summary["output_dir"])
+    if args.stage == "image":
+        nxt = f"stage 2 from it: deepspeed hvfm/train.py --deepspeed {args.deepspeed} --clip {out / 'final'} [data flags]"
+    else:
+        if args.eval_json:
+            ann, root = args.eval_json, args.eval_video_root
+        elif is_builtin(args):
+            from hvfm.data.synthetic import ensure_corpus
+            corpus = ensure_corpus()
+            ann, root = corpus.test_json, corpus.test_root
+        else:
+            ann, root = "ANNOTATIONS", "VIDEO_DIR"
+        nxt = f"python -m hvfm.evaluate --checkpoint {out / 'final'} --ann {ann} --video-root {root} --table"
+    return f"done: output in {out} (the model: {out / 'final'}, metrics.csv, summary.json); next: {nxt}"
+
+
 def main(argv=None):
     """Run `train`; bad input, a failed save or a non-finite streak is one `error: ...` line and
     exit code 2 (3: non-finite). An error every rank raises together (`collective`) is said once
@@ -55,7 +73,10 @@ def main(argv=None):
     code = 0
     collective = False  # an error every rank raised at the same point: they can still meet
     try:
-        run(args)
+        summary = run(args)
+        import torch.distributed as dist
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            print(closing_line(args, summary), flush=True)
     except (DataError, ConfigError, CheckpointError, NonFiniteError) as e:
         import torch.distributed as dist
         code = 3 if isinstance(e, NonFiniteError) else 2
