@@ -57,7 +57,9 @@ def resolve_clip(name, local_rank, fetch=None, locate=cached_snapshot, load=None
 
 def build_model(args, tok_dir, out_dir, attn, rank):
     """The video-language model inflated from a CLIP folder (--clip, or the preset saved with
-    random weights to OUTPUT_DIR/init_clip first: one loading path)."""
+    random weights to OUTPUT_DIR/init_clip first: one loading path), set up for its stage (the
+    image stage: `freeze_for_image_stage`)."""
+    import torch
     import torch.distributed as dist
     from hvfm.model import VideoLanguageModel, add_mask_token, save_random_clip
 
@@ -74,9 +76,21 @@ def build_model(args, tok_dir, out_dir, attn, rank):
     build = dict(fusion_layers=args.fusion_layers, fusion_width=args.fusion_width, attn=attn,
                  max_frames=max(args.frames, 16), checkpointing=args.activation_checkpointing,
                  motion=args.motion_channel, vtm_token="last")
+    torch.manual_seed(args.seed)  # the fresh layers (fusion, heads): the same on every rank and run
     model = VideoLanguageModel.from_clip(clip, tokenizer, **build)
     build.pop("checkpointing")
+    if args.stage == "image":
+        freeze_for_image_stage(model)
     return model, tokenizer, clip.config, build
+
+
+def freeze_for_image_stage(model):
+    """Stage 1 trains an image model: no time, no fusion. The fusion encoder and the temporal
+    embedding are frozen; the token embedding, which the MLM head ties to, stays trainable."""
+    tied = model.text.token_embedding.weight
+    for p in model.fusion.parameters():
+        p.requires_grad_(p is tied)
+    model.video.embeddings.temporal_embedding.requires_grad_(False)
 
 
 def build_train_loader(args, train_ann, tokenizer, micro, size, rank, world, cuda, image=False):

@@ -1,6 +1,7 @@
-"""The built-in default's orchestration and the run's data: the built-in corpora (clips, or
-stills in stage 1) and tokenizer, the built-in image CLIP (stage 1, trained once by this trainer
-and cached), the before/after evaluation and the closing comparison table."""
+"""The built-in default, an orchestrator above the training loop (hvfm/loop.py), which it calls
+like any user would: the built-in corpora (clips, or stills in stage 1) and tokenizer, stage 1
+(the built-in image CLIP, trained once by the same loop and cached), stage 2, the before/after
+evaluation and the closing comparison table."""
 from __future__ import annotations
 
 import json
@@ -8,29 +9,78 @@ import os
 import shutil
 from pathlib import Path
 
-from hvfm.config import BUILTIN_IMAGE, SWAP_WEIGHT, is_builtin, parse_args
+from hvfm import loop
+from hvfm.config import (BUILTIN_IMAGE, SWAP_WEIGHT, check_run, is_builtin, parse_args,
+                         schedule_defaults)
 from hvfm.data import read_annotations
-from hvfm.data.text import clean_caption, ensure_tokenizer
+from hvfm.data.text import clean_caption
 from hvfm.distributed import broadcast
+from hvfm.loop import read_data, read_eval_data, tok_dir_needed
 
 
-def tok_dir_needed(args):
-    """Neither --tokenizer nor --clip: the run makes its tokenizer (built-in, or trained on the
-    training captions)."""
-    return args.tokenizer is None and args.clip is None
+def run(args):
+    """The built-in default (no data flags): stage 1 once (cached) unless --clip names an image
+    CLIP, then the loop on the built-in corpus of --stage, the image CLIP evaluated before and
+    the video model after, and the table. Returns the loop's summary."""
+    import torch
+    cuda = torch.cuda.is_available()
+    check_run(args, cuda)  # bad flags: one error line before any corpus or stage 1 is built
+    rank, _ = loop.start_process(args, cuda)
+    if args.stage != "image" and args.clip is None:  # the built-in default harvests: stage 1 first
+        args.clip = str(ensure_image_clip(args, rank))  # (once, cached), then this stage
+    summary = train_builtin(args)
+    print_comparison(summary, args)
+    return summary
+
+
+def train_builtin(args, label=None):
+    """The loop on the built-in corpus of --stage, with the built-in schedule where the flags
+    leave it open (steps or epochs, the image stage's LR, the time cap) and `evaluator`."""
+    args.max_steps = schedule_defaults(args, True, args.stage == "image")
+    return loop.train(args, data=lambda out_dir, rank: prepare_data(args, out_dir, rank),
+                      label=label, evaluate=evaluator(args, label))
+
+
+def evaluator(args, label=None):
+    """The loop's `evaluate` hook: "before", the image CLIP the run starts from with each frame an
+    image (frames mean-pooled; none in the image stage, which starts from random weights);
+    "after", the trained model. Retrieval and temporal accuracy, one line per view."""
+    import torch
+    image = args.stage == "image"
+
+    def evaluate(model, tokenizer, ann, size, when):
+        if when == "before":
+            if image:
+                return None
+            # In fp32, before DeepSpeed casts the weights, so the numbers are the ones `python -m
+            # hvfm.evaluate --checkpoint CLIP_FOLDER` gives.
+            return run_eval(model, tokenizer, ann, args, size, torch.float32,
+                            "image CLIP, frames mean-pooled", 0, pool="mean")
+        return run_eval(model, tokenizer, ann, args, size, torch.float32,
+                        label or ("image CLIP" if image else "harvested"), 0)
+    return evaluate
+
+
+def print_comparison(summary, args):
+    """The closing table, when the run evaluated before and after (rank 0 evaluates; the other
+    ranks' summaries hold no results)."""
+    results = summary.get("eval", {})
+    if "before" in results and "after" in results:
+        print(comparison_table(results["before"], results["after"], args.frames), flush=True)
 
 
 def prepare_data(args, out_dir, rank):
     """(train annotations, eval annotations or None, tokenizer folder or None). With no data flags
     rank 0 generates the built-in corpus of the stage (stills or clips) and the built-in tokenizer;
-    the others wait at the barrier and load them."""
+    the others wait at the barrier and load them. With data flags: the loop's `read_data`."""
     import torch.distributed as dist
     from hvfm.data.synthetic import ensure_corpus
     from hvfm.data.synthetic_images import ensure_images
 
-    builtin = is_builtin(args)
+    if not is_builtin(args):
+        return read_data(args, out_dir, rank)
     train = evaluation = None
-    if builtin and args.stage == "image":
+    if args.stage == "image":
         if rank == 0:
             ensure_images(seed=args.seed, workers=os.cpu_count(), progress=True)
         dist.barrier()
@@ -38,7 +88,7 @@ def prepare_data(args, out_dir, rank):
         train = read_annotations(root / "images.json", root, clean=clean_caption)
         if not args.eval_json:
             evaluation = read_annotations(root / "images_test.json", root, clean=clean_caption)
-    elif builtin:
+    else:
         if rank == 0:
             ensure_corpus(workers=os.cpu_count(), progress=True)
         dist.barrier()
@@ -46,36 +96,15 @@ def prepare_data(args, out_dir, rank):
         train = read_annotations(corpus.train_csv, corpus.train_root, clean=clean_caption)
         if not args.eval_json:
             evaluation = read_annotations(corpus.test_json, corpus.test_root, clean=clean_caption)
-    elif args.train_shards:  # their captions (lazy: read only if a tokenizer must be trained)
-        from hvfm.data.shards import shard_captions
-        train = shard_captions(args.train_shards)
-    elif args.train_csv:  # a WebVid CSV column-wise, this rank's rows only (it has millions)
-        train = read_annotations(args.train_csv, args.video_root, clean=clean_caption,
-                                 rank=rank, world_size=dist.get_world_size(), split="train")
-    else:  # any format hvfm.data.formats detects; every video with all its sentences
-        train = read_annotations(args.train_json, args.video_root, clean=clean_caption,
-                                 split="train")
     if args.eval_json:  # the benchmark's protocol: paragraphs for DiDeMo / ActivityNet
-        evaluation = read_annotations(args.eval_json, args.eval_video_root, clean=clean_caption,
-                                      paragraph=None)
-    if rank == 0 and not builtin:  # the format each file was read as (hvfm.data.formats)
-        from hvfm.data.annotations import describe
-        for flag, ann in (("train", train), ("eval", evaluation)):
-            if getattr(ann, "format", None):
-                print(f"data ({flag}): {describe(ann)}", flush=True)
+        evaluation = read_eval_data(args)
     tok_dir = args.tokenizer
-    if tok_dir_needed(args):
-        if builtin:  # one tokenizer for both built-in corpora; it travels with the image CLIP
-            from hvfm.data.builtin import builtin_tokenizer_dir, ensure_builtin_tokenizer
-            if rank == 0:
-                ensure_builtin_tokenizer(seed=args.seed)
-            dist.barrier()
-            tok_dir = builtin_tokenizer_dir(seed=args.seed)
-        else:
-            tok_dir = out_dir / "tokenizer"
-            if rank == 0:
-                ensure_tokenizer(tok_dir, train)
-            dist.barrier()
+    if tok_dir_needed(args):  # one tokenizer for both built-in corpora; it travels with the image CLIP
+        from hvfm.data.builtin import builtin_tokenizer_dir, ensure_builtin_tokenizer
+        if rank == 0:
+            ensure_builtin_tokenizer(seed=args.seed)
+        dist.barrier()
+        tok_dir = builtin_tokenizer_dir(seed=args.seed)
     return train, evaluation, tok_dir
 
 
@@ -106,10 +135,10 @@ def run_eval(model, tokenizer, ann, args, size, dtype, label, rank, pool="joint"
             what = "1 frame" if key == "one_frame" else f"{args.frames} frames"
             line = (f"[{label}, {what}] t2v R@1/5/10 {r['t2v_r1']:.1f}/{r['t2v_r5']:.1f}/{r['t2v_r10']:.1f}  "
                     f"v2t R@1/5/10 {r['v2t_r1']:.1f}/{r['v2t_r5']:.1f}/{r['v2t_r10']:.1f}")
-            if "temporal_acc" in r:
-                line += (f"  temporal acc {r['temporal_acc']:.3f} (motion "
-                         f"{r.get('temporal_acc_motion', float('nan')):.3f}, order "
-                         f"{r.get('temporal_acc_order', float('nan')):.3f}; chance {r['temporal_chance']:.3f})")
+            if "temporal_acc" in r:  # per kind, each with its own chance (1 / group size)
+                line += "  temporal acc " + ", ".join(
+                    f"{k} {r[f'temporal_acc_{k}']:.3f} (chance {r[f'temporal_chance_{k}']:.2f})"
+                    for k in ("motion", "order") if f"temporal_acc_{k}" in r)
             print(line, flush=True)
             for kind_line in time_lines(r):  # per kind: interval over groups, blind-tower checks
                 print(f"[{label}, {what}] {kind_line}", flush=True)
@@ -154,37 +183,48 @@ def image_clip_key(args):
 
 def ensure_image_clip(args, rank):
     """The built-in image CLIP (stage 1 on the built-in stills), trained once by this trainer and
-    cached in HVFM_CACHE/image_clip/ keyed by `image_clip_key`. Every rank takes part."""
+    cached in HVFM_CACHE/image_clip/ keyed by `image_clip_key`. Every rank takes part.
+
+    A stage 1 stopped by its time cap (8 minutes of training, `BUILTIN_IMAGE`) before its steps
+    is cached as cut short: the marker records the steps done and planned. The rule: a later run
+    reuses it (a rebuild on the same machine would most likely stop at the same cap) and says so
+    on its own line, with the steps done, every time; --rebuild-image-clip trains it again and
+    replaces it, and fewer --image-steps give a whole one of their own."""
     import hashlib
     import uuid
 
     import torch.distributed as dist
-    from hvfm.data.synthetic import default_cache_dir
+    from hvfm.data.synthetic_common import cache_root
 
     key = image_clip_key(args)
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
-    folder = default_cache_dir().parent / "image_clip" / f"{args.model}-{digest}"
+    folder = cache_root() / "image_clip" / f"{args.model}-{digest}"
     marker = folder / "hvfm_image_clip.json"
-    if marker.exists():
+    if marker.exists() and not args.rebuild_image_clip:
         if rank == 0:
-            print(f"image CLIP: the built-in one, cached in {folder}", flush=True)
+            entry = read_image_clip_entry(marker, key)
+            print(f"image CLIP: the built-in one, cached in {folder}"
+                  f"{'' if not entry['cut_short'] else ' -- ' + cut_short_note(entry)}", flush=True)
         return folder
     tmp = Path(broadcast(str(folder.with_name(f".{folder.name}.tmp-{uuid.uuid4().hex[:8]}"))))
     if rank == 0:
-        print(f"image CLIP: building the built-in one once (stage 1: the {args.model} preset on "
-              f"the built-in stills, cached in {folder})", flush=True)
+        print(f"image CLIP: {'rebuilding' if marker.exists() else 'building'} the built-in one once "
+              f"(stage 1: the {args.model} preset on the built-in stills, cached in {folder})", flush=True)
     argv = ["--deepspeed", args.deepspeed, "--stage", "image", "--model", args.model,
             "--seed", str(args.seed), "--attn", args.attn, "--precision", args.precision,
             "--workers", str(args.workers), "--output-dir", str(tmp),
             "--max-steps", str(key["max_steps"]), "--max-minutes", str(key["max_minutes"]),
             "--drop-ratio", key["drop_ratio"], "--swap-weight", str(key["swap_weight"]),
             *(["--verbose"] if args.verbose else [])]
-    from hvfm.train import train  # the same trainer, stage 1 (imported here: it imports this module)
-    summary = train(parse_args(argv), label="image CLIP")
+    summary = train_builtin(parse_args(argv), label="image CLIP")  # the same loop, stage 1
     if rank == 0:
-        (tmp / "final" / marker.name).write_text(json.dumps({"key": key, "summary": {
-            k: summary[k] for k in ("steps", "wall_s", "eval") if k in summary}}, indent=2))
-        if folder.exists():  # a half-written one (no marker)
+        entry = {"key": key, "steps_done": summary["steps"], "steps_planned": key["max_steps"],
+                 "cut_short": summary["steps"] < key["max_steps"],
+                 "summary": {k: summary[k] for k in ("steps", "wall_s", "eval") if k in summary}}
+        (tmp / "final" / marker.name).write_text(json.dumps(entry, indent=2))
+        if entry["cut_short"]:
+            print(f"image CLIP: cached as cut short -- {cut_short_note(entry)}", flush=True)
+        if folder.exists():  # a half-written one (no marker), or the one --rebuild-image-clip replaces
             shutil.rmtree(folder, ignore_errors=True)
         folder.parent.mkdir(parents=True, exist_ok=True)
         os.rename(tmp / "final", folder)
@@ -192,3 +232,19 @@ def ensure_image_clip(args, rank):
     dist.barrier()
     return folder
 
+
+def read_image_clip_entry(marker, key):
+    """A cached image CLIP's marker with `steps_done`, `steps_planned` and `cut_short` (markers
+    written before they were recorded: from the summary's steps and the key's)."""
+    entry = json.loads(Path(marker).read_text())
+    planned = entry.get("steps_planned", key["max_steps"])
+    done = entry.get("steps_done", entry.get("summary", {}).get("steps", planned))
+    return {**entry, "steps_done": done, "steps_planned": planned, "cut_short": done < planned}
+
+
+def cut_short_note(entry):
+    """Why a cached image CLIP is weaker than a whole one, and what to do about it."""
+    return (f"cut short by its {entry['key']['max_minutes']:g}-minute time cap at {entry['steps_done']} "
+            f"of {entry['steps_planned']} steps (a weaker baseline and start than a whole one); "
+            f"--rebuild-image-clip trains it again, --image-steps {entry['steps_done']} gives a whole "
+            f"one of that many steps")

@@ -334,13 +334,14 @@ def truncate_metrics(path, step):
 
 
 
-def export_final(folder, ckpt_dir, clip_config, tokenizer, build, image=False):
+def export_final(folder, ckpt_dir, clip_config, tokenizer, build, image=False, quiet=False):
     """Write OUTPUT_DIR/final from the fp32 master weights of the checkpoint `latest` names
     (consolidated from the ZeRO partitions, not the bf16 module): an hvfm export, or after the
     image stage a plain HF CLIPModel folder with its tokenizer. Returns that state, for the
     closing evaluation (one model, one result). Rank 0 only."""
-    from hvfm.export import consolidate_deepspeed, save_clip_folder, save_export
-    state = consolidate_deepspeed(Path(ckpt_dir), latest_tag(ckpt_dir))
+    from hvfm.export import save_clip_folder, save_export
+    from hvfm.load import consolidate_deepspeed
+    state = consolidate_deepspeed(Path(ckpt_dir), latest_tag(ckpt_dir), quiet=quiet)
     if image:
         save_clip_folder(folder, state, clip_config, tokenizer)
     else:

@@ -58,7 +58,9 @@ def parse_args(argv=None):
                          "as an HF CLIPModel folder for --clip")
     m = ap.add_argument_group("model")
     m.add_argument("--model", default="tiny", help=f"preset without --clip: {', '.join(PRESETS)}")
-    m.add_argument("--clip", metavar="DIR", help="HF CLIPModel folder to start from")
+    m.add_argument("--clip", metavar="DIR_OR_HUB_ID",
+                   help="HF CLIPModel to start from: a folder, or a hub ID such as "
+                        "openai/clip-vit-base-patch16 (fetched once into the Hugging Face cache)")
     m.add_argument("--fusion-layers", type=int, default=2,
                    help="fusion encoder blocks (copied from the text tower's last blocks)")
     m.add_argument("--fusion-width", type=int, default=None, help="default: the text width")
@@ -67,7 +69,8 @@ def parse_args(argv=None):
                    help="recompute each transformer block in the backward (less memory)")
     m.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32", "fp16"],
                    help="auto: the DeepSpeed config's if it states one, else bf16 on a GPU and "
-                        "the faster of bf16/fp32 on a CPU")
+                        "the faster of bf16/fp32 on a CPU (measured once per machine, cached in "
+                        "HVFM_CACHE/cpu_precision.json)")
     d = ap.add_argument_group("data (default: the built-in synthetic corpus)")
     d.add_argument("--train-csv", help="WebVid CSV (videoid,contentUrl,duration,page_dir,name), or "
                                        "MSR-VTT's MSRVTT_train.9k.csv / 7k (format from content)")
@@ -135,6 +138,9 @@ def parse_args(argv=None):
     o.add_argument("--image-steps", type=int, default=None,
                    help=f"steps of the built-in image CLIP when the built-in default has to build it "
                         f"(default: {BUILTIN_IMAGE['max_steps']}; each value is cached on its own)")
+    o.add_argument("--rebuild-image-clip", action="store_true",
+                   help="train the built-in image CLIP again and replace the cached one (e.g. one "
+                        "its time cap cut short, which later runs reuse and name as such)")
     o.add_argument("--max-minutes", type=float, default=None,
                    help=f"stop training after this long (default: {BUILTIN['max_minutes']:g} on the "
                         f"built-in clips, {BUILTIN_IMAGE['max_minutes']:g} on the built-in stills, no "
@@ -334,9 +340,8 @@ def stated_precision(cfg):
 
 def pick_precision(choice, cuda, cfg=None, source="the DeepSpeed config"):
     """(precision, why): what the config states, else `--precision`, else (auto) bf16 on a GPU
-    and on a CPU whichever of bf16/fp32 runs a transformer-sized matmul faster. A flag that
-    contradicts the config is a ConfigError."""
-    import torch
+    and on a CPU whichever of bf16/fp32 runs a transformer-sized matmul faster, measured once per
+    machine (`cpu_precision`). A flag that contradicts the config is a ConfigError."""
     stated = stated_precision(cfg or {})
     if stated and choice not in ("auto", stated):
         says = ("disables bf16 and fp16 (fp32)" if stated == "fp32"
@@ -351,17 +356,71 @@ def pick_precision(choice, cuda, cfg=None, source="the DeepSpeed config"):
         return choice, "--precision"
     if cuda:
         return "bf16", "auto: a GPU"
-    times = {}
-    for dtype in (torch.float32, torch.bfloat16):
-        a, b = torch.randn(2048, 512, dtype=dtype), torch.randn(512, 1024, dtype=dtype)
-        a @ b
-        start = time.perf_counter()
-        for _ in range(10):
+    return cpu_precision()
+
+
+def cpu_fingerprint():
+    """What the CPU precision choice depends on: the CPU model, torch, and its thread count."""
+    import platform
+
+    import torch
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": model, "torch": torch.__version__.split("+")[0], "threads": torch.get_num_threads()}
+
+
+def time_matmuls(rounds=5, reps=10):
+    """{dtype: seconds}: the fastest of `rounds` rounds of `reps` 2048x512x1024 matmuls per dtype,
+    the rounds interleaved (the fastest round is the one least disturbed by other load)."""
+    import torch
+    mats = {name: (torch.randn(2048, 512, dtype=dt), torch.randn(512, 1024, dtype=dt))
+            for name, dt in (("float32", torch.float32), ("bfloat16", torch.bfloat16))}
+    best = {name: float("inf") for name in mats}
+    for _ in range(rounds):
+        for name, (a, b) in mats.items():
             a @ b
-        times[str(dtype).split(".")[-1]] = time.perf_counter() - start
+            start = time.perf_counter()
+            for _ in range(reps):
+                a @ b
+            best[name] = min(best[name], time.perf_counter() - start)
+    return best
+
+
+def cpu_precision(cache=None, measure=time_matmuls):
+    """(precision, why) of `--precision auto` on a CPU: bf16 if it runs a transformer-sized matmul
+    faster than fp32, else fp32. Measured once per machine (CPU model, torch, threads) and cached
+    in HVFM_CACHE/cpu_precision.json, so the same command trains in the same precision whatever
+    the load when it starts; delete the file to measure again."""
+    from hvfm.data.synthetic_common import cache_root
+    path = Path(cache) if cache is not None else cache_root() / "cpu_precision.json"
+    machine = cpu_fingerprint()
+    try:
+        entry = json.loads(path.read_text())
+        if entry.get("machine") == machine and entry.get("precision") in ("bf16", "fp32"):
+            return entry["precision"], (f"auto: measured once on this CPU on {entry['date']} "
+                                        f"({entry['times']}), cached in {path}")
+    except (OSError, ValueError, AttributeError):
+        pass
+    times = measure()
     pick = "bf16" if times["bfloat16"] < times["float32"] else "fp32"
-    return pick, (f"auto: on this CPU a 2048x512x1024 matmul took {1e3 * times['bfloat16']:.0f} ms "
-                  f"in bf16, {1e3 * times['float32']:.0f} ms in fp32 (10 runs)")
+    said = (f"a 2048x512x1024 matmul x10: {1e3 * times['bfloat16']:.0f} ms in bf16, "
+            f"{1e3 * times['float32']:.0f} ms in fp32, the fastest of 5 rounds")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        tmp.write_text(json.dumps({"machine": machine, "precision": pick, "times": said,
+                                   "date": time.strftime("%Y-%m-%d")}, indent=1) + "\n")
+        os.replace(tmp, path)
+        where = f"measured now and cached in {path}"
+    except OSError as e:
+        where = f"measured now, not cached ({type(e).__name__}: {e})"
+    return pick, f"auto: on this CPU {said}; {where}"
 
 
 def engine_config(cfg, precision, lr=None):

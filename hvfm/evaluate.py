@@ -51,7 +51,7 @@ the batch). Then, in this order:
   the video once per re-rank pass with the first view's patches.
 `--merge-with-clip ALPHA` first interpolates the weights with the original CLIP (`--clip DIR`,
 default: the run's --clip, else OUTPUT_DIR/init_clip): theta = ALPHA * theta_clip +
-(1 - ALPHA) * theta_post for every parameter CLIP has (see hvfm.export.merge_with_clip).
+(1 - ALPHA) * theta_post for every parameter CLIP has (see hvfm.load.merge_with_clip).
 
 Metrics: R@1/5/10 in percent, median and mean rank; ties count against the model (rank = 1 + the
 number of wrong candidates scoring at least as high as the best correct one). Multiple choice:
@@ -515,7 +515,7 @@ def load_checkpoint(path, attn="sdpa", tag=None, with_info=False, max_frames=16)
     (OUTPUT_DIR/final), a DeepSpeed checkpoint folder or tag folder, a run folder, or a plain HF
     CLIP folder (image CLIP applied to frames, with a fresh fusion encoder that retrieval does
     not use). DataError for anything else."""
-    from hvfm.export import load_any
+    from hvfm.load import load_any
     model, tokenizer, info = load_any(path, attn=attn, tag=tag, max_frames=max_frames)
     return (model, tokenizer, info["kind"], info) if with_info else (model, tokenizer, info["kind"])
 
@@ -540,8 +540,10 @@ def format_table(m):
         lines.append(f"{d:5}{m[d + '_r1']:7.1f}{m[d + '_r5']:7.1f}{m[d + '_r10']:7.1f}"
                      f"{m[d + '_medr']:7.1f}{m[d + '_meanr']:8.1f}")
     if "temporal_acc" in m:
-        lines.append(f"temporal accuracy {m['temporal_acc']:.3f} (chance {m['temporal_chance']:.3f})")
-        lines += time_lines(m)
+        kinds = time_lines(m)  # per kind, each with its own chance
+        if not kinds:
+            lines.append(f"temporal accuracy {m['temporal_acc']:.3f} (chance {m['temporal_chance']:.3f})")
+        lines += kinds
     return "\n".join(lines)
 
 
@@ -556,7 +558,9 @@ def time_lines(m):
     lines = []
     for kind in sorted(k[:-3] for k in m if k.endswith("_ci") and f"{k[:-3]}_acc" in m):
         lo, hi = m[f"{kind}_ci"]
-        lines.append(f"{kind} {m[f'{kind}_acc']:.3f} [{_num(lo, '.2f')}, {_num(hi, '.2f')}] over "
+        chance = m.get(f"temporal_chance_{kind}")
+        lines.append(f"{kind} {m[f'{kind}_acc']:.3f} [{_num(lo, '.2f')}, {_num(hi, '.2f')}]"
+                     f"{'' if chance is None else f' (chance {chance:.2f})'} over "
                      f"{m[f'{kind}_groups']} groups; caption spread "
                      f"{_num(m[f'{kind}_caption_spread'])}, v2t in group "
                      f"{_num(m[f'{kind}_v2t_in_group'])} (chance "
@@ -597,11 +601,13 @@ def parse_args(argv=None):
                     help="annotation file, its format detected from its content: MSR-VTT CSVs or "
                          "MSRVTT_data.json, DiDeMo, ActivityNet Captions, UMT / Singularity / "
                          "VINDLU lists (retrieval or multiple choice), JSON Lines, WebVid CSV")
-    ap.add_argument("--video-root", required=True)
+    ap.add_argument("--video-root", required=True,
+                    help="folder the annotation file's video paths are relative to")
     ap.add_argument("--tag", help="DeepSpeed checkpoint tag (default: the 'latest' file's)")
-    ap.add_argument("--frames", type=int, default=8)
+    ap.add_argument("--frames", type=int, default=8, help="frames sampled per video (default: %(default)s)")
     ap.add_argument("--size", type=int, default=None, help="frame side (default: the model's)")
-    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--batch-size", type=int, default=32,
+                    help="videos or captions encoded at once (default: %(default)s)")
     from hvfm.data.dataset import default_workers  # device transform: --workers default
     ap.add_argument("--workers", type=int, default=default_workers(),  # device transform
                     help="loader worker processes (default: %(default)s here: min(8, cores - 1), "
@@ -625,16 +631,19 @@ def parse_args(argv=None):
                     help="sum: VTM log-odds + VTC logit (scale x cosine); prob: VTM match "
                          "probability alone; logit: VTM log-odds alone")
     ap.add_argument("--dsl", action="store_true", help="dual-softmax re-scoring of the similarity")
-    ap.add_argument("--dsl-temp", type=float, default=DSL_TEMP)
+    ap.add_argument("--dsl-temp", type=float, default=DSL_TEMP,
+                    help="temperature of --dsl's dual softmax (default: %(default)s)")
     ap.add_argument("--mc-by", choices=("sim", "vtm"), default="sim",
                     help="multiple choice: pick by similarity or by VTM match probability")
     ap.add_argument("--merge-with-clip", type=float, default=None, metavar="ALPHA",
                     help="evaluate theta = ALPHA*theta_clip + (1-ALPHA)*theta_post")
     ap.add_argument("--clip", help="original CLIP folder for --merge-with-clip (default: the run's "
                                    "--clip, else OUTPUT_DIR/init_clip)")
-    ap.add_argument("--attn", default="sdpa")
+    ap.add_argument("--attn", default="sdpa",
+                    help="attention backend: sdpa, torch-varlen, triton, flash_attn, xformers (default: %(default)s)")
     ap.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK when available, else cpu")
-    ap.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32")
+    ap.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32",
+                    help="precision of the forward passes (default: %(default)s, the trainer's own closing evaluation's)")
     ap.add_argument("--dump-scores", help="save the caption-by-video similarity matrix (.npy)")
     ap.add_argument("--bootstrap", type=int, default=1000, metavar="N",
                     help="resamples of the groups for the temporal accuracy's 95%% interval")
@@ -645,7 +654,7 @@ def parse_args(argv=None):
 
 def run(args):
     """The CLI's work: returns the output object (rank 0's is printed by main)."""
-    from hvfm.export import merge_with_clip_dir
+    from hvfm.load import merge_with_clip_dir
 
     if args.clip and args.merge_with_clip is None:
         raise DataError("--clip is only used with --merge-with-clip ALPHA")

@@ -99,6 +99,7 @@ def temporal_accuracy(scores, text_video, groups, kinds=None, tie_tol=1e-5):
         kind_of = np.asarray(kinds, dtype=object)[np.asarray(text_video)]
         for kind in sorted(set(kind_of)):
             out[f"temporal_acc_{kind}"] = float(np.mean(hits[kind_of == kind]))
+            out[f"temporal_chance_{kind}"] = float(np.mean(chance[kind_of == kind]))
     return out
 
 

@@ -393,7 +393,7 @@ def one_step(engine, batch, setup, drop, seeds, shape, dtype, host_check, revers
     hook on the tower: what the reverse fraction did in the model)."""
     from hvfm.model import keep_counts
     from hvfm.model.model import reverse_count
-    from hvfm.train import train_step
+    from hvfm.loop import train_step
     reverse = setup.args.reverse_negatives if reverse is None else reverse
     args = argparse.Namespace(**{**vars(setup.args), "drop_ratio": drop, "reverse_negatives": reverse})
     nf = np.asarray(batch["num_frames"], np.int64)
@@ -651,7 +651,7 @@ def write_outputs(payload, out):
     blocks = tables(payload)
     if blocks:
         cfg = payload["config"]
-        notes = [f"the trainer's set-up and step (hvfm.build, hvfm.train.train_step): DeepSpeed "
+        notes = [f"the trainer's set-up and step (hvfm.build, hvfm.loop.train_step): DeepSpeed "
                  f"{payload['zero']}, {payload['precision']} ({payload['precision_why']}); "
                  f"{cfg['steps']} alternated steps per variant after {cfg['warmup']} warm-up; "
                  f"{payload['threads']} torch thread(s); the trainer's attention here: {payload['trainer_attn']}",

@@ -13,7 +13,7 @@ engine mode (deepspeed and a video decoder installed): built by the trainer's ow
   profiling/bench_train.py builds them: its flags and checks, the built-in corpus and the
   trainer's loader (the first batch of it), the model (`hvfm.build.build_model`), two DeepSpeed
   engines with the trainer's LR groups and config (`build_engine`, ds_configs/z2.json). Each
-  takes one `hvfm.train.train_step` (forward, backward, engine.step) on the same batch with the
+  takes one `hvfm.loop.train_step` (forward, backward, engine.step) on the same batch with the
   same seeds. Compared: the losses (total, VTC, VTM, MLM) and DeepSpeed's global gradient norm
   (the one clipping reads, before clipping).
 module mode (no deepspeed or no decoder: a bare GPU machine whose wheels failed): the same
@@ -124,7 +124,7 @@ def compare(fused, unfused, tol):
 
 
 def one(engine, batch, seeds, args, weights, dtype, host_check, read_norms):
-    from hvfm.train import train_step
+    from hvfm.loop import train_step
     bad = torch.zeros((), device=engine.device)
     sync()
     t = time.perf_counter()

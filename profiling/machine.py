@@ -5,6 +5,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import subprocess
 from importlib import metadata
 from pathlib import Path
@@ -67,10 +68,33 @@ def describe(info):
             f"decord {v['decord']}, av {v['av']}; commit {info['commit']}")
 
 
+def portable(obj, roots=(ROOT,)):
+    """`obj` (JSON-like) with no absolute path of this machine in its strings: a path in the
+    repository (any of `roots`) becomes relative to it, one in the temporary folder `<tmp>/...`,
+    in HVFM_CACHE `<HVFM_CACHE>/...`, in the home folder `~/...`. Results are committed and read
+    on other machines, where those paths mean nothing."""
+    if isinstance(obj, dict):
+        return {k: portable(v, roots) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [portable(v, roots) for v in obj]
+    if not isinstance(obj, str) or "/" not in obj:
+        return obj
+    import tempfile
+    places = [(str(r), "") for r in roots]
+    if os.environ.get("HVFM_CACHE"):
+        places.append((os.environ["HVFM_CACHE"].rstrip("/"), "<HVFM_CACHE>/"))
+    places += [(tempfile.gettempdir(), "<tmp>/"), ("/tmp", "<tmp>/"), (str(Path.home()), "~/")]
+    for place, instead in places:  # the place followed by "/", or the place itself
+        obj = re.sub(rf"(?<![\w.-]){re.escape(place)}(/|(?=[\s\"'`,;:)\]]|$))",
+                     lambda m: instead if m.group(1) else instead.rstrip("/") or ".", obj)
+    return obj
+
+
 def write_json(path, payload):
+    """`payload` as indented JSON, with machine paths made `portable`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(payload, indent=2) + "\n")
+    path.write_text(json.dumps(portable(payload), indent=2) + "\n")
     return path
 
 
@@ -138,7 +162,7 @@ def write_markdown(path, title, info, body, notes=()):
     text = f"# {title}\n\nMachine: {describe(info)}; {info['date']}\n\n{body.strip()}\n"
     if notes:
         text += "\n" + "\n".join(f"- {n}" for n in notes) + "\n"
-    path.write_text(text)
+    path.write_text(portable(text))
     return path
 
 

@@ -66,7 +66,7 @@ def case_nonfinite(rank, config, precision, stage=None):
     import numpy as np
     import torch
     from fault_train import NaNGrad
-    from hvfm.train import train_step
+    from hvfm.loop import train_step
     engine, tok, cfg, _ = build(config, precision, **({} if stage is None else {"stage": int(stage)}))
     host_check = engine.zero_optimization_stage() == 0
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
@@ -122,7 +122,7 @@ def case_syncfree(rank, config, precision):
     import torch
     import hvfm.model.model as model_mod
     from hvfm.model import get_backend
-    from hvfm.train import train_step
+    from hvfm.loop import train_step
     if get_backend("triton") is get_backend("sdpa"):
         raise RuntimeError("the triton attention backend is not available (it would fall back to sdpa)")
     engine, tok, cfg, _ = build(config, precision, attn="triton", clip=dict(width=128, heads=2))

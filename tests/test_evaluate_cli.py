@@ -18,7 +18,8 @@ from hvfm.data.transform import prepare_batch
 from hvfm.data.eval_data import EvalClipDataset, EvalCollator
 from hvfm.evaluate import evaluate, main
 from hvfm.metrics import dual_softmax, retrieval_metrics, topk_indices
-from hvfm.export import load_export, save_export
+from hvfm.export import save_export
+from hvfm.load import load_export
 from hvfm.model import VideoLanguageModel
 from hvfm.model.testing import tiny_clip
 
@@ -382,7 +383,7 @@ def test_time_diagnostics_per_kind_in_the_output(env, groups_env, capsys, tmp_pa
             assert 0.0 <= m[f"{kind}_probe_acc"] <= 1.0  # 2 groups to fit, 1 held out
             assert m[f"{kind}_probe_chance"] == pytest.approx(1 / size)
             line = next(ln for ln in out.splitlines() if ln.startswith(f"{kind} "))
-            assert f"{m[f'{kind}_acc']:.3f} [{lo:.2f}, {hi:.2f}] over 3 groups" in line
+            assert f"{m[f'{kind}_acc']:.3f} [{lo:.2f}, {hi:.2f}] (chance {1 / size:.2f}) over 3 groups" in line
             assert "caption spread" in line and "video probe" in line
         if pool == "joint":  # the built-in run's closing table carries the same intervals
             from hvfm.builtin_run import comparison_table

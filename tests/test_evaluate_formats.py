@@ -18,7 +18,8 @@ from hvfm.data.formats import FORMATS, detect
 from hvfm.data.synthetic import generate
 from hvfm.data.text import build_tokenizer, clean_caption
 from hvfm.evaluate import evaluate, evaluate_mc, main
-from hvfm.export import load_export, save_export
+from hvfm.export import save_export
+from hvfm.load import load_export
 from hvfm.model import VideoLanguageModel
 from hvfm.model.testing import tiny_clip
 

@@ -9,8 +9,8 @@ import torch
 from safetensors.torch import save_file
 
 from hvfm.data import DataError
-from hvfm.export import (FORMAT, join_state, load_any, load_export, main as export_main,
-                         merge_with_clip, save_export, split_state, to_clip_key)
+from hvfm.export import main as export_main, save_export, split_state
+from hvfm.load import FORMAT, join_state, load_any, load_export, merge_with_clip, to_clip_key
 from hvfm.model import VideoLanguageModel, add_mask_token
 from hvfm.model.testing import tiny_clip, tiny_tokenizer
 

@@ -110,11 +110,11 @@ def test_patch_flow_direction_and_symmetry():
 
 
 def test_old_exports_build_without_the_new_parts(tok):
-    from hvfm.export import _build_model
+    from hvfm.load import model_from_config
     clip = tiny_clip(tok, dtype=torch.float32)
-    old, build = _build_model(clip.config, tok, {"fusion_layers": 1, "max_frames": 4})
+    old, build = model_from_config(clip.config, tok, {"fusion_layers": 1, "max_frames": 4})
     assert old.video.embeddings.motion_weight is None and old.fusion.vtm_token == "first"
-    new, _ = _build_model(clip.config, tok, {"fusion_layers": 1, "max_frames": 4, "motion": True,
+    new, _ = model_from_config(clip.config, tok, {"fusion_layers": 1, "max_frames": 4, "motion": True,
                                              "vtm_token": "last"})
     assert new.video.embeddings.motion_weight.shape == (clip.config.vision_config.hidden_size, 2)
     assert new.fusion.vtm_token == "last"

@@ -67,6 +67,7 @@ def test_temporal_accuracy_within_groups():
     assert m["temporal_acc_motion"] == pytest.approx((2 + 1 / 3) / 4)
     assert m["temporal_acc_order"] == pytest.approx(0.75)
     assert m["temporal_chance"] == pytest.approx((4 * 0.25 + 2 * 0.5) / 6)
+    assert (m["temporal_chance_motion"], m["temporal_chance_order"]) == (0.25, 0.5)
 
 
 def test_temporal_accuracy_of_a_blind_model_is_chance():

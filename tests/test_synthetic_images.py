@@ -98,9 +98,9 @@ def test_relation_words_match_the_layout():
 
 
 def test_shapes_render_distinctly():
-    from hvfm.data.synthetic import _shape_mask
+    from hvfm.data.synthetic_common import shape_mask
     g = np.arange(64) + 0.5
-    masks = {s: _shape_mask(s, g[None, :] - 32, g[:, None] - 32, 20) for s in SHAPES}
+    masks = {s: shape_mask(s, g[None, :] - 32, g[:, None] - 32, 20) for s in SHAPES}
     for s, m in masks.items():
         assert 200 < m.sum() < 1300, s
     names = list(masks)

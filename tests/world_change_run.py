@@ -47,7 +47,7 @@ def step(engine, tok, dtype, step, accum, rank):
     import numpy as np
     import torch
     from hvfm.model.testing import tiny_batch
-    from hvfm.train import train_step
+    from hvfm.loop import train_step
     args = SimpleNamespace(drop_ratio="0.5", reverse_negatives=1.0, vtm_hardness=0.0)
     losses = []
     for m in range(accum):

@@ -42,16 +42,14 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import multiprocessing as mp
-import os
-import shutil
 import time
-import uuid
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
+
+from .synthetic_common import build_once, default_cache_dir, is_complete, run_tasks, shape_mask  # noqa: F401
 
 VERSION = 3  # 3: x264 without mbtree (byte-identical output)
 GENERATOR = f"hvfm.data.synthetic v{VERSION}"
@@ -145,36 +143,12 @@ def caption(params, rng=None):
 
 
 # ----------------------------------------------------------------------------- rendering
-def _shape_mask(shape, dx, dy, r):
-    """Pixels of a shape of radius r (pixels) given offsets dx, dy from its centre."""
-    if shape == "circle":
-        return dx * dx + dy * dy <= r * r
-    if shape == "square":
-        return (np.abs(dx) <= 0.85 * r) & (np.abs(dy) <= 0.85 * r)
-    if shape == "triangle":  # apex up, base at +0.75 r
-        return (dy >= -r) & (dy <= 0.75 * r) & (np.abs(dx) <= (dy + r) / 1.75)
-    if shape == "cross":
-        thin = 0.32 * r
-        return (((np.abs(dx) <= thin) & (np.abs(dy) <= r))
-                | ((np.abs(dy) <= thin) & (np.abs(dx) <= r)))
-    if shape == "diamond":  # a rhombus, taller than wide
-        return np.abs(dx) / (0.75 * r) + np.abs(dy) / r <= 1.0
-    if shape == "star":  # five points, one up; inner radius 0.45 r
-        theta = np.arctan2(dx, -dy)  # 0 straight up
-        a = np.abs(np.mod(theta + np.pi / 5, 2 * np.pi / 5) - np.pi / 5)  # 0 at a point
-        p1 = 0.45 * r * np.array([np.cos(np.pi / 5), np.sin(np.pi / 5)])
-        d = p1 - np.array([r, 0.0])
-        edge = (r * d[1]) / (np.cos(a) * d[1] - np.sin(a) * d[0])  # ray meets the edge
-        return dx * dx + dy * dy <= edge * edge
-    raise ValueError(f"unknown shape {shape!r}")
-
-
 def _draw(video, obj, cx, cy, size, frames_mask=None):
     """Draw obj centred at (cx, cy) pixels (arrays over frames)."""
     grid = np.arange(size, dtype=np.float64) + 0.5
     dx = grid[None, None, :] - cx[:, None, None]
     dy = grid[None, :, None] - cy[:, None, None]
-    mask = _shape_mask(obj["shape"], dx, dy, obj["radius"] * size)
+    mask = shape_mask(obj["shape"], dx, dy, obj["radius"] * size)
     if frames_mask is not None:
         mask &= frames_mask[:, None, None]
     video[mask] = COLOURS[obj["colour"]]
@@ -218,24 +192,6 @@ def encode_mp4(video, path, fps=FPS):
             frame.pts, frame.time_base = i, Fraction(1, fps)
             container.mux(stream.encode(frame))
         container.mux(stream.encode(None))
-
-
-def run_tasks(fn, tasks, workers, every=0, what="items", chunksize=16):
-    """fn(task) for every task, in `workers` processes (fork where the platform has it); a
-    progress line every `every` tasks (0: none). Results are not kept: each task writes a file."""
-    t0 = time.time()
-    if workers > 1:
-        ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-        with ctx.Pool(workers) as pool:
-            done = pool.imap_unordered(fn, tasks, chunksize=chunksize)
-            for k, _ in enumerate(done):
-                if every and (k + 1) % every == 0:
-                    print(f"{k + 1}/{len(tasks)} {what}, {time.time() - t0:.0f}s", flush=True)
-        return
-    for k, task in enumerate(tasks):
-        fn(task)
-        if every and (k + 1) % every == 0:
-            print(f"{k + 1}/{len(tasks)} {what}, {time.time() - t0:.0f}s", flush=True)
 
 
 def _render_and_write(task):
@@ -343,22 +299,6 @@ def generate(out_dir, n_train=DEFAULT_TRAIN, n_test=DEFAULT_TEST, frames=17, siz
     return paths
 
 
-def default_cache_dir():
-    """$HVFM_CACHE/synthetic, or ~/.cache/hvfm/synthetic."""
-    base = os.environ.get("HVFM_CACHE")
-    return (Path(base) if base else Path.home() / ".cache" / "hvfm") / "synthetic"
-
-
-def _is_complete(root, want, marker=".complete"):
-    """Whether `root` holds a finished corpus of these parameters: its marker file (written last)
-    names them."""
-    try:
-        have = json.loads((Path(root) / marker).read_text())
-    except (OSError, ValueError):
-        return False
-    return all(have.get(k) == v for k, v in want.items())
-
-
 def ensure_corpus(cache_dir=None, n_train=DEFAULT_TRAIN, n_test=DEFAULT_TEST, frames=17, size=96, seed=0,
                   workers=1, progress=False):
     """Generate the corpus for these parameters once under cache_dir and reuse it afterwards.
@@ -368,38 +308,9 @@ def ensure_corpus(cache_dir=None, n_train=DEFAULT_TRAIN, n_test=DEFAULT_TEST, fr
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     final = cache / f"n{n_train}_t{n_test}_f{frames}_s{size}_seed{seed}_v{VERSION}"
     want = _params_meta(n_train, n_test, frames, size, seed)
-    build_once(final, lambda root: _is_complete(root, want),
+    build_once(final, lambda root: is_complete(root, want),
                lambda tmp: generate(tmp, n_train, n_test, frames, size, seed, workers, progress))
     return CorpusPaths.of(final)
-
-
-def build_once(final, complete, make):
-    """The cached folder `final`, made by `make(tmp)` unless `complete(final)` already: made in a
-    temporary sibling and renamed into place, so a crash never leaves half of one; a stale or
-    half-written `final` is moved aside; a process that loses a race discards its copy and uses
-    the winner's. Returns `final`."""
-    final = Path(final)
-    if complete(final):
-        return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    try:
-        make(tmp)
-        if final.exists() and not complete(final):  # stale or half-written: move aside
-            trash = final.with_name(f".{final.name}.stale-{uuid.uuid4().hex[:8]}")
-            try:
-                final.rename(trash)
-                shutil.rmtree(trash, ignore_errors=True)
-            except OSError:
-                pass  # someone else moved it first
-        try:
-            tmp.rename(final)
-        except OSError:
-            if not complete(final):
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return final
 
 
 def main(argv=None):

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .synthetic import _is_complete, _shape_mask, build_once, default_cache_dir, run_tasks
+from .synthetic_common import build_once, default_cache_dir, is_complete, run_tasks, shape_mask
 
 IMAGE_VERSION = 3
 PER_PAGE = 1000
@@ -181,7 +181,7 @@ def render_image(params, size, seed=0):
     img = _background_pixels(params["background"], size, np.random.default_rng(seed))
     grid = np.arange(size, dtype=np.float64) + 0.5
     for o in params["objects"]:
-        mask = _shape_mask(o["shape"], grid[None, :] - o["x"] * size,
+        mask = shape_mask(o["shape"], grid[None, :] - o["x"] * size,
                            grid[:, None] - o["y"] * size, o["radius"] * size)
         img[mask] = IMAGE_COLOURS[o["colour"]]
     return np.clip(np.rint(img), 0, 255).astype(np.uint8)
@@ -239,7 +239,7 @@ def ensure_images(cache_dir=None, n=DEFAULT_IMAGES, n_test=DEFAULT_IMAGES_TEST, 
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     final = cache / f"images_n{n}_t{n_test}_s{size}_seed{seed}_v{IMAGE_VERSION}"
     want = _meta(n, n_test, size, seed)
-    return build_once(final, lambda root: _is_complete(root, want, ".images_complete"),
+    return build_once(final, lambda root: is_complete(root, want, ".images_complete"),
                       lambda tmp: generate_images(tmp, n, n_test, size, seed, workers, progress))
 
 
@@ -347,5 +347,5 @@ def ensure_probes(cache_dir=None, groups=DEFAULT_PROBE_GROUPS, size=96, seed=0, 
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     final = cache / f"probes_g{groups}_s{size}_seed{seed}_v{PROBE_VERSION}"
     want = {"version": PROBE_VERSION, "groups": int(groups), "size": int(size), "seed": int(seed)}
-    return build_once(final, lambda root: _is_complete(root, want, ".probes_complete"),
+    return build_once(final, lambda root: is_complete(root, want, ".probes_complete"),
                       lambda tmp: generate_probes(tmp, groups, size, seed, workers))

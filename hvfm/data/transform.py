@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from .decode import decode_size
-from .transforms import CLIP_MEAN, CLIP_STD, _resize, crop_box
+from .transforms import CLIP_MEAN, CLIP_STD, crop_box, resize
 
 # One row of `crop` per sample: the valid frame region (h, w) in the padded uint8 tensor, the size
 # (rh, rw) the whole frame is resized to, the crop box in that resized frame, the output size, and
@@ -120,11 +120,11 @@ def to_model_pixels(pixels, crop, num_frames, dtype=torch.float32, first_resize=
         h, w, rh, rw, top, left, ch, cw, _, hf, vf = row
         x = pixels[i, :n, :h, :w].permute(0, 3, 1, 2)  # uint8, channels-last in memory
         if first_resize == "uint8":
-            x = _resize(x.contiguous(memory_format=torch.channels_last), rh, rw)
+            x = resize(x.contiguous(memory_format=torch.channels_last), rh, rw)
             x = x[..., top:top + ch, left:left + cw].float().div_(255.0)
         else:
-            x = _resize(x.float().div_(255.0), rh, rw)[..., top:top + ch, left:left + cw]
-        x = _resize(x, size, size)
+            x = resize(x.float().div_(255.0), rh, rw)[..., top:top + ch, left:left + cw]
+        x = resize(x, size, size)
         if hf:
             x = x.flip(-1)
         if vf:

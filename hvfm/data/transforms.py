@@ -28,7 +28,8 @@ def normalize(x, mean=CLIP_MEAN, std=CLIP_STD):
     return (x - mean) / std
 
 
-def _resize(x, h, w):
+def resize(x, h, w):
+    """x (..., H, W) float or uint8 resized to (h, w): bilinear, antialiased (F.interpolate)."""
     if x.shape[-2:] == (h, w):
         return x
     return F.interpolate(x, size=(h, w), mode="bilinear", antialias=True, align_corners=False)
@@ -58,14 +59,14 @@ def crop_box(height, width, rng, scale=(0.5, 1.0), ratio=(3 / 4, 4 / 3)):
 
 def random_resized_crop(x, size, rng, scale=(0.5, 1.0), ratio=(3 / 4, 4 / 3)):
     top, left, h, w = crop_box(x.shape[-2], x.shape[-1], rng, scale, ratio)
-    return _resize(x[..., top:top + h, left:left + w], size, size)
+    return resize(x[..., top:top + h, left:left + w], size, size)
 
 
 def resize_center_crop(x, size):
     h, w = x.shape[-2:]
     scale = size / min(h, w)
     nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
-    x = _resize(x, nh, nw)
+    x = resize(x, nh, nw)
     top, left = (nh - size) // 2, (nw - size) // 2
     return x[..., top:top + size, left:left + size]
 
