@@ -19,7 +19,7 @@ BUILTIN = {"epochs": 2, "max_minutes": 10.0}
 TEMPORAL_LR_MULT, FRESH_LR_MULT, VTM_HARDNESS = 100.0, 10.0, 0.0
 IMAGE_CROP = (0.9, 1.0)  # stills: their captions name places, which a large crop would move
 SAVE_EVERY_MINUTES = 30.0  # on your data: a multi-day run loses at most this much to a crash
-BUILTIN_IMAGE = {"max_steps": 1200, "lr": 5e-4, "batch_size": 64, "max_minutes": 8.0,
+BUILTIN_IMAGE = {"max_steps": 1200, "lr": 5e-4, "batch_size": 64, "max_minutes": 10.0,
                  "drop_ratio": "0.5"}
 # The caption-swap term's default weight per stage, chosen by measurement (README "What teaches
 # time", profiling/results/ablate_time.md): on in the image stage, off in the video stage.
