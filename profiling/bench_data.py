@@ -1,7 +1,9 @@
 """Decoded clips per second of the training loader, per worker, for every source hvfm can read.
 
-Measures the whole per-sample path a training run uses: read, decode F frames, random resized
-crop + flip, normalise, tokenise and mask the caption, collate; for each source, in the same run:
+Measures the whole per-sample path of a loader worker in a GPU run: read, decode F frames, draw
+the random crop + flip, tokenise and mask the caption, collate uint8 frames (the crop, resize and
+normalise run on the GPU; --transform host adds them to the worker, as on a CPU-only run, and as
+this bench measured before that option); for each source, in the same run:
 
   files        the map-style loader (`--train-csv`): one mp4 per clip as it is, once per decoder
                (`--decoders`: decord, the anchors' way and the baseline; PyAV; torchcodec)
@@ -247,6 +249,10 @@ def main(argv=None):
     ap.add_argument("--shard-fps", type=int, default=8, help="fps of the mp4 shards prepare writes")
     ap.add_argument("--frames-size", type=int, default=256, help="short side of the jpg/webp shards")
     ap.add_argument("--keep-frames", type=int, default=16, help="frames per clip of the jpg/webp shards")
+    ap.add_argument("--transform", default="device", choices=["device", "host"],
+                    help="device: workers send uint8 frames + crop rows, as for a GPU run (crop, resize "
+                         "and normalise run on the GPU); host: workers also crop, resize and normalise "
+                         "to float, as a CPU-only run (and bench_data before this option) does")
     ap.add_argument("--gen-clips", type=int, default=8, help="generated clips (no data flags)")
     ap.add_argument("--gen-seconds", type=float, nargs=2, default=[10.0, 30.0], metavar=("MIN", "MAX"))
     ap.add_argument("--copies", type=int, default=4, help="times each generated clip is listed")
@@ -319,13 +325,16 @@ def main(argv=None):
 
     def make(source, decoder):
         def build(workers):
+            on_device = args.transform == "device"
             if source == "files":
                 return build_loader(ann, tokenizer, batch_size=args.batch_size, frames=args.frames,
-                                    size=args.size, num_workers=workers, decoder=decoder, seed=0)
+                                    size=args.size, num_workers=workers, decoder=decoder, seed=0,
+                                    device_transform=on_device)
             from hvfm.data.shards import build_shard_loader
             return build_shard_loader(shards[source], tokenizer, batch_size=args.batch_size,
                                       frames=args.frames, size=args.size, num_workers=workers,
-                                      decoder=decoder if source == "shards-mp4" else "auto", seed=0)
+                                      decoder=decoder if source == "shards-mp4" else "auto", seed=0,
+                                      device_transform=on_device)
         return build
 
     limit = (lambda w: args.max_load) if args.max_load is not None else cores_used
@@ -376,9 +385,12 @@ def main(argv=None):
                "load_average_1min": [first] + [x for rs in runs.values() for r in rs for x in r["load_seen"]],
                "auto_order": order, "loaded_rows": len(loaded), "not_run": missing, "results": rows}
     path = write_json(args.out, payload)
+    path_desc = ("read, decode, draw crop + flip, tokenise + mask, collate uint8 frames (crop, resize "
+                 "and normalise are the GPU's, as in a GPU run)" if args.transform == "device" else
+                 "read, decode, crop, resize, flip, normalise, tokenise + mask, collate (a CPU run's path)")
     notes = [f"data: {corpus}; {args.frames} frames at {args.size} px, batch {args.batch_size}; the "
-             f"whole per-sample path (read, decode, crop, flip, normalise, tokenise + mask, collate), "
-             f"timed after a warm-up batch; median of {args.repeats} alternated repeats of {args.clips} clips",
+             f"whole per-sample path of a worker ({path_desc}), timed after a warm-up batch; median of "
+             f"{args.repeats} alternated repeats of {args.clips} clips",
              "files: one mp4 per clip as it is; shards-mp4: re-encoded by python -m hvfm.data.prepare "
              f"(short side {args.size}, {args.shard_fps} fps, a key frame per second); shards-jpg/webp: "
              f"{args.keep_frames} frames per clip pre-extracted at short side {args.frames_size} "

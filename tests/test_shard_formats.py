@@ -210,3 +210,20 @@ def test_prepare_formats_and_settings(clips, tmp_path, capsys):
     settings.pop("format")
     (old / ".parts" / "settings.json").write_text(json.dumps(settings))
     assert prepare(clips / "ann.json", clips, old, size=48, shard_size=3, progress=False)["samples"] == N
+
+
+def test_prepare_reads_frames_with_the_decoder_asked_for(clips, prepared, tmp_path):
+    """--decoder pyav stores the same source frames as decord (the default here)."""
+    out = tmp_path / "pyav"
+    prepare(clips / "ann.json", clips, out, size=48, shard_size=2, progress=False, fmt="jpg",
+            keep_frames=16, quality=95, decoder="pyav")
+    a, b = samples(prepared["jpg"]), samples(out)
+    for key in a:
+        assert json.loads(a[key]["json"]) == json.loads(b[key]["json"])
+        fa, fb = frame_members_of(a[key]), frame_members_of(b[key])
+        assert [frame_index(x) for x in fa] == [frame_index(x) for x in fb]
+
+
+def frame_members_of(s):
+    from hvfm.data.shards import decode_image, frame_members
+    return [decode_image(x) for x in frame_members(s)]

@@ -48,7 +48,8 @@ from pathlib import Path
 import numpy as np
 
 from .annotations import read_annotations
-from .decode import decode_size, resize_frames, sample_indices
+from .decode import (available_decoders, decode_size, decoder_order, resize_frames, sample_indices,
+                     torchcodec_status)
 from .errors import DataError
 
 FORMAT = "hvfm-shards v1"
@@ -108,19 +109,27 @@ def reencode(path, size=224, fps=8, crf=23):
     return buf.getvalue()
 
 
-def read_all_frames(path, keep):
+def read_frames(path, keep, decoder="auto"):
     """The evaluation frames of `keep` equal segments of a clip (`sample_indices`; all its frames
     when it has fewer), at the file's own size: (uint8 (T, H, W, 3), their indices, the clip's
-    frame count). decord when installed (it seeks), else PyAV (decodes up to the last one)."""
-    try:
+    frame count). decoder: as --decoder ("auto": decord, torchcodec, PyAV, the first installed;
+    decord and torchcodec seek, PyAV decodes up to the last frame wanted)."""
+    ready = available_decoders()
+    order = [d for d in decoder_order(decoder) if ready[d] is None]
+    if not order:
+        raise RuntimeError("; ".join(ready[d] for d in decoder_order(decoder)))
+    name = order[0]
+    if name == "decord":
         import decord
-    except ImportError:
-        decord = None
-    if decord is not None:
         vr = decord.VideoReader(str(path), num_threads=1)
         n = len(vr)
         idx = sample_indices(n, keep, train=False)
         return (vr.get_batch(idx).asnumpy() if idx else None), idx, n
+    if name == "torchcodec":
+        dec = torchcodec_status()[0].VideoDecoder(str(path), dimension_order="NHWC", num_ffmpeg_threads=1)
+        n = dec.metadata.num_frames or 0
+        idx = sample_indices(n, keep, train=False)
+        return (dec.get_frames_at(indices=idx).data.numpy() if idx else None), idx, n
     import av
     with av.open(str(path)) as c:
         stream = c.streams.video[0]
@@ -141,13 +150,13 @@ def read_all_frames(path, keep):
     return (np.stack([frames[i] for i in idx]) if idx else None), idx, len(frames)
 
 
-def extract_frames(path, keep=16, size=256, fmt="jpg", quality=85):
+def extract_frames(path, keep=16, size=256, fmt="jpg", quality=85, decoder="auto"):
     """`keep` frames of the clip at `path` (the evaluation frames of `keep` equal segments; all of
     them when it has fewer), short side `size`, each encoded as `fmt` (jpg / webp) with Pillow.
     Returns ([bytes per frame], the source frame indices, the clip's frame count). Raises on a
     clip without frames or a decoder failure."""
     from PIL import Image
-    frames, idx, n = read_all_frames(path, keep)
+    frames, idx, n = read_frames(path, keep, decoder)
     if frames is None or not len(frames):
         raise ValueError("no video frames")
     frames = resize_frames(frames, size)
@@ -181,7 +190,7 @@ def _write_shard(task):
                         video = {"mp4": reencode(path, opts["size"], opts["fps"])}
                     else:
                         images, idx, n = extract_frames(path, opts["keep_frames"], opts["size"],
-                                                        opts["format"], opts["quality"])
+                                                        opts["format"], opts["quality"], opts["decoder"])
                         video = {f"f{j:02d}.{opts['format']}": b for j, b in enumerate(images)}
                         meta.update(frames=idx, source_frames=n)
                 except Exception as e:  # noqa: BLE001 - any bad video is listed, never fatal
@@ -216,10 +225,11 @@ def _done(out, k):
 
 
 def prepare(ann_file, video_root, out, size=None, fps=8, shard_size=1000, workers=1, progress=True,
-            fmt="mp4", keep_frames=16, quality=85):
+            fmt="mp4", keep_frames=16, quality=85, decoder="auto"):
     """Write the shards of `ann_file` into `out` (see the module docstring); returns the index.
     fmt: "mp4" (re-encoded clips), "jpg" or "webp" (`keep_frames` pre-extracted frames per clip);
-    size: short side (default 224 for mp4, 256 for frames)."""
+    size: short side (default 224 for mp4, 256 for frames); decoder: the reader of the frames
+    formats (as --decoder; mp4 re-encodes with PyAV)."""
     if fmt not in FORMATS:
         raise DataError(f"--format {fmt}: choose one of {', '.join(FORMATS)}")
     size = DEFAULT_SIZE[fmt] if size is None else size
@@ -257,8 +267,8 @@ def prepare(ann_file, video_root, out, size=None, fps=8, shard_size=1000, worker
         for i in range(k * shard_size, min(n, (k + 1) * shard_size)):
             path = ann.resolve(i)
             rows.append((i, str(path.relative_to(ann.root)), str(path), ann.captions_of(i)))
-        tasks.append((out, k, rows, {"format": fmt, "size": size, "fps": fps,
-                                     "keep_frames": keep_frames, "quality": quality}))
+        tasks.append((out, k, rows, {"format": fmt, "size": size, "fps": fps, "keep_frames": keep_frames,
+                                     "quality": quality, "decoder": decoder}))
     if progress:
         print(f"{ann.source}: {n} videos -> {shards} shard(s) in {out}; {len(parts)} already "
               f"done, {len(tasks)} to write ({workers} process(es))", flush=True)
@@ -314,13 +324,17 @@ def main(argv=None):
     ap.add_argument("--keep-frames", type=int, default=16,
                     help="frames stored per clip (jpg/webp); training samples --frames of them")
     ap.add_argument("--quality", type=int, default=85, help="JPEG / WebP quality (jpg/webp)")
+    ap.add_argument("--decoder", default="auto", choices=("auto", "decord", "torchcodec", "pyav"),
+                    help="reader of the source clips for jpg/webp (auto: decord, torchcodec, PyAV, the "
+                         "first installed); mp4 re-encodes with PyAV")
     ap.add_argument("--shard-size", type=int, default=1000, help="videos per shard")
     ap.add_argument("--workers", type=int, default=1, help="processes, one shard (one x264 thread) each")
     a = ap.parse_args(argv)
     t0 = time.time()
     try:
         index = prepare(a.train_csv or a.train_json, a.video_root, a.out, a.size, a.fps, a.shard_size,
-                        a.workers, fmt=a.format, keep_frames=a.keep_frames, quality=a.quality)
+                        a.workers, fmt=a.format, keep_frames=a.keep_frames, quality=a.quality,
+                        decoder=a.decoder)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -531,18 +531,21 @@ class ShardLoader(VideoTextLoader):
 def build_shard_loader(spec, tokenizer, *, batch_size, frames=8, size=224, seed=0, num_workers=2,
                        mask_ratio=0.5, rank=0, world_size=1, timeout=120.0, decoder="auto",
                        shuffle_buffer=1000, max_retries=10, pin_memory=False, max_length=MAX_LENGTH,
-                       crop_scale=(0.5, 1.0), clean=clean_caption, swap=False, decode_timeout=None):
+                       crop_scale=(0.5, 1.0), clean=clean_caption, swap=False, decode_timeout=None,
+                       device_transform=None):
     """A `ShardLoader` over the shards of `spec` for one rank: the batches of `build_loader`'s
     training loader (same keys, shapes, transforms, tokenisation and MLM masks; `swap`: with the
     swapped captions of the caption-swap term). decode_timeout (seconds, None: off): every
     sample decodes in a watchdog child (`DecoderProcess`) and one that hangs or crashes is
-    skipped and counted, as for files; the loader's last-resort timeout is then at least 4 x it."""
+    skipped and counted, as for files; the loader's last-resort timeout is then at least 4 x it.
+    device_transform: as `build_loader`'s (None: True when pin_memory)."""
     if decode_timeout:
         timeout = max(timeout, 4 * decode_timeout)
     urls = expand_shards(spec)
     counts = shard_counts(urls)
-    collate = Collator(tokenizer, mask_ratio, max_length, seed, device_transform=bool(pin_memory),
-                       swap=swap)
+    if device_transform is None:
+        device_transform = bool(pin_memory)
+    collate = Collator(tokenizer, mask_ratio, max_length, seed, device_transform=device_transform, swap=swap)
     dataset = ShardDataset(urls, counts, collate, batch_size,
                            frames=frames, size=size, rank=rank, world_size=world_size, workers=num_workers,
                            seed=seed, shuffle_buffer=shuffle_buffer, decoder=decoder,
