@@ -253,6 +253,9 @@ def main(argv=None):
                     help="device: workers send uint8 frames + crop rows, as for a GPU run (crop, resize "
                          "and normalise run on the GPU); host: workers also crop, resize and normalise "
                          "to float, as a CPU-only run (and bench_data before this option) does")
+    ap.add_argument("--decode-timeout", type=float, default=30.0,
+                    help="the decode watchdog, as train.py's default (every decode in a child process); "
+                         "0: decode in the worker itself")
     ap.add_argument("--gen-clips", type=int, default=8, help="generated clips (no data flags)")
     ap.add_argument("--gen-seconds", type=float, nargs=2, default=[10.0, 30.0], metavar=("MIN", "MAX"))
     ap.add_argument("--copies", type=int, default=4, help="times each generated clip is listed")
@@ -329,12 +332,12 @@ def main(argv=None):
             if source == "files":
                 return build_loader(ann, tokenizer, batch_size=args.batch_size, frames=args.frames,
                                     size=args.size, num_workers=workers, decoder=decoder, seed=0,
-                                    device_transform=on_device)
+                                    device_transform=on_device, decode_timeout=args.decode_timeout or None)
             from hvfm.data.shards import build_shard_loader
             return build_shard_loader(shards[source], tokenizer, batch_size=args.batch_size,
                                       frames=args.frames, size=args.size, num_workers=workers,
                                       decoder=decoder if source == "shards-mp4" else "auto", seed=0,
-                                      device_transform=on_device)
+                                      device_transform=on_device, decode_timeout=args.decode_timeout or None)
         return build
 
     limit = (lambda w: args.max_load) if args.max_load is not None else cores_used
@@ -390,7 +393,8 @@ def main(argv=None):
                  "read, decode, crop, resize, flip, normalise, tokenise + mask, collate (a CPU run's path)")
     notes = [f"data: {corpus}; {args.frames} frames at {args.size} px, batch {args.batch_size}; the "
              f"whole per-sample path of a worker ({path_desc}), timed after a warm-up batch; median of "
-             f"{args.repeats} alternated repeats of {args.clips} clips",
+             f"{args.repeats} alternated repeats of {args.clips} clips; decode watchdog "
+             + (f"on ({args.decode_timeout:g} s, as train.py's default)" if args.decode_timeout else "off"),
              "files: one mp4 per clip as it is; shards-mp4: re-encoded by python -m hvfm.data.prepare "
              f"(short side {args.size}, {args.shard_fps} fps, a key frame per second); shards-jpg/webp: "
              f"{args.keep_frames} frames per clip pre-extracted at short side {args.frames_size} "
