@@ -46,10 +46,12 @@ except ImportError:
 
 DECODERS = ("auto", "decord", "torchcodec", "pyav")
 # "auto" tries these in turn. The order is a measurement: on a quiet machine (load 0.2, 1 worker,
-# 640x360 10-30 s clips, 8 frames) decord gave 5.2 clips/s per worker from one mp4 per clip and
-# PyAV, which decodes every frame up to the last one sampled, less; torchcodec (seeks like decord,
-# FFmpeg underneath) is put between them until profiling/bench_data.py measures it on a machine
-# where its wheel loads (it prints the order its run found: update this line from it).
+# 640x360 10-30 s clips, 8 frames at 224) decord gave 5.2 clips/s per worker from one mp4 per
+# clip; decoding alone (8 frames of 3 such clips, one process, at load 8.3 on 2 cores, so a ratio
+# and not a figure) decord gave 4.6 clips/s and PyAV, which decodes every frame up to the last one
+# sampled, 2.0. torchcodec (it seeks, as decord does) sits between them until
+# profiling/bench_data.py measures it where its wheel loads; the bench prints the order its run
+# found ("auto_order" in its JSON): update this line from a quiet run.
 AUTO_ORDER = ("decord", "torchcodec", "pyav")
 
 _torchcodec = None  # the torchcodec.decoders module once imported; an error string if it cannot be
