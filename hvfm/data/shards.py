@@ -16,7 +16,7 @@ and slot s = rank * W + L of the world * W slots takes every (world * W)-th shar
 shards than slots every slot reads all shards and keeps every (world * W)-th sample. Samples go
 through a shuffle buffer (webdataset's algorithm; which sample leaves the buffer is drawn from
 (seed, epoch, rank, L, samples taken so far), so the order is reproducible), then are decoded from
-memory (decord, PyAV fallback), cropped, flipped and tokenised exactly as the map-style dataset
+memory (`decode_sample`: an mp4 with --decoder, or pre-extracted images), cropped, flipped and tokenised exactly as the map-style dataset
 does (same `VideoTransform`, `Collator`). An epoch is floor(samples / (world * batch)) batches on
 every rank (ranks must step together); a slot whose shards run out before its share starts its
 next pass (so with uneven shards a few samples repeat within an epoch, others wait for the next).
