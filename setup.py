@@ -28,5 +28,8 @@ setup(
     extras_require={
         "test": ["pytest>=8"],
         "gpu": ["flash-attn>=2.5", "xformers>=0.0.27"],
+        # --decoder torchcodec: pick the wheel built for your torch (CPU or CUDA; its NVDEC path
+        # needs a CUDA torch) and install FFmpeg's shared libraries (4-8) beside it
+        "torchcodec": ["torchcodec>=0.2"],
     },
 )

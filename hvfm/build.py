@@ -102,10 +102,11 @@ def build_train_loader(args, train_ann, tokenizer, micro, size, rank, world, cud
     crop_scale = IMAGE_CROP if image else (0.5, 1.0)
     common = dict(batch_size=micro, frames=args.frames, size=size, seed=args.seed,
                   num_workers=args.workers, mask_ratio=args.mask_ratio, rank=rank, world_size=world,
-                  pin_memory=cuda, crop_scale=crop_scale, swap=args.swap_weight > 0)
+                  pin_memory=cuda, crop_scale=crop_scale, swap=args.swap_weight > 0,
+                  decoder=getattr(args, "decoder", "auto"), decode_timeout=args.decode_timeout or None)
     if args.train_shards:
         return build_shard_loader(args.train_shards, tokenizer, **common)
-    return build_loader(train_ann, tokenizer, decode_timeout=args.decode_timeout or None,
+    return build_loader(train_ann, tokenizer,
                         mirror=args.mirror_negatives if image else 0.0, **common)
 
 

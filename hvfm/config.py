@@ -87,9 +87,14 @@ def parse_args(argv=None):
     d.add_argument("--size", type=int, default=None, help="frame side (default: the model's)")
     from hvfm.data.dataset import default_workers
     d.add_argument("--workers", type=int, default=default_workers(),
-                   help="loader worker processes per rank (default: %(default)s here: min(8, cores "
-                        "per local rank - 1), at least 1; local ranks: LOCAL_SIZE, set by the "
+                   help="loader worker processes per rank (default: %(default)s here: cores per "
+                        "local rank - 1, at least 1, no upper cap; local ranks: LOCAL_SIZE, set by the "
                         "deepspeed launcher, or LOCAL_WORLD_SIZE, set by torchrun)")
+    d.add_argument("--decoder", default="auto", choices=("auto", "decord", "torchcodec", "pyav"),
+                   help="video decoder of the loader workers: auto tries decord, torchcodec, PyAV in "
+                        "that order (a measured order: hvfm/data/decode.py AUTO_ORDER), skipping one "
+                        "that is not installed; tar shards of pre-extracted frames (prepare --format "
+                        "jpg/webp) decode images and ignore it")
     d.add_argument("--batch-size", type=int, default=None,
                    help="clips (or images) per device and micro-step (default: the DeepSpeed "
                         f"config's; {BUILTIN_IMAGE['batch_size']} in the image stage on the built-in stills)")

@@ -11,7 +11,9 @@ the engine it returns misbehaves where these variables say (they live here, not 
   HVFM_TEST_DATA_ERROR = "K@RANK"   rank RANK raises a DataError (as its loader would) at its
       micro-batch K (1-based), the other ranks go on into the step's collectives.
 
-The decoder faults (HVFM_TEST_DECODE_FAULT) are still read by hvfm/data (not this file)."""
+  HVFM_TEST_DECODE_FAULT = "hang:NAME,crash:NAME2"   the watchdog child's decode of those files
+      (or shard sample keys) hangs for ever or segfaults (tests/decode_faults.py; the package
+      reads no test variable)."""
 from __future__ import annotations
 
 import errno
@@ -139,6 +141,9 @@ def patch(env=os.environ):
 
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
     from hvfm.train import main
+    import decode_faults
+    decode_faults.install(os.environ.get(decode_faults.ENV, ""))
     patch()
     main()

@@ -15,14 +15,15 @@ from videos import write_broken, write_clip
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# Every way a row can be broken; "hang" and "crash" are real clips whose decode the test hook
-# HVFM_TEST_DECODE_FAULT makes hang for ever (signals blocked) or segfault.
+# Every way a row can be broken; "hang" and "crash" are real clips whose decode tests/decode_faults.py
+# (HVFM_TEST_DECODE_FAULT for a launched trainer: tests/fault_train.py) makes hang for ever
+# (signals blocked) or segfault.
 BAD_KINDS = ("missing", "empty", "truncated", "truncated_faststart", "garbage", "text", "zero_frames",
              "hang", "crash", "missing")
 
 
 def fault_env(names):
-    """The HVFM_TEST_DECODE_FAULT value for a corpus' hang/crash files."""
+    """The fault spec (decode_faults.install, HVFM_TEST_DECODE_FAULT) for a corpus' hang/crash files."""
     return ",".join(f"{kind}:{name}" for kind, name in names)
 
 
@@ -127,7 +128,7 @@ def env(**extra):
     return e
 
 
-FAULT_HOOKS = ("HVFM_TEST_NAN_LOSS", "HVFM_TEST_NAN_GRAD", "HVFM_TEST_SAVE_FAULT")
+FAULT_HOOKS = ("HVFM_TEST_NAN_LOSS", "HVFM_TEST_NAN_GRAD", "HVFM_TEST_SAVE_FAULT", "HVFM_TEST_DECODE_FAULT")
 
 
 def ds_command(flags, procs, port, hooks=()):

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from hvfm.data import Collator, build_loader, build_tokenizer, read_annotations
-from hvfm.data.decode import _resize_frames, decode_clip
+from hvfm.data.decode import resize_frames, decode_clip
 from hvfm.data.text import swap_left_right, swap_top_bottom
 from hvfm.data.transform import (PARAMS, collate_frames, draw_params, mirror_params, prepare_batch,
                                  to_model_pixels)
@@ -26,7 +26,7 @@ def _noise(t=5, h=45, w=70, seed=0):
 
 def _old(frames, size, train, seed, scale=(0.5, 1.0)):
     """The float path as it was: decoder-sized uint8 frames -> VideoTransform on the host."""
-    sized = _resize_frames(frames, size)
+    sized = resize_frames(frames, size)
     return VideoTransform(size, train, scale=scale)(sized, np.random.default_rng(seed))
 
 
@@ -50,7 +50,7 @@ def test_device_transform_matches_the_old_float_path(train):
         c, fc = _new(frames, 32, train, seed, first_resize="float")  # a GPU's way
         assert fc == fa and 0 < (a - c).abs().max().item() <= ROUNDING
         # Frames the decoder already sized (no first resize): bit for bit the old result.
-        sized = _resize_frames(frames, 32)
+        sized = resize_frames(frames, 32)
         c, _ = VideoTransform(32, train)(sized, np.random.default_rng(seed))
         d, _ = _new(sized, 32, train, seed)
         assert torch.equal(c, d)
@@ -90,7 +90,7 @@ def test_prepare_batch_replaces_pixels_and_keeps_the_keys():
     out = prepare_batch(batch, torch.device("cpu"), torch.float32)
     assert set(out) == {"pixels", "num_frames", "index"}
     assert out["pixels"].shape == (1, 2, 3, 16, 16) and out["pixels"].dtype == torch.float32
-    ref, _ = VideoTransform(16, False)(_resize_frames(frames, 16))
+    ref, _ = VideoTransform(16, False)(resize_frames(frames, 16))
     assert (out["pixels"][0] - ref).abs().max().item() <= ROUNDING
 
 
@@ -124,7 +124,7 @@ def test_loader_batches_equal_the_old_float_path(tmp_path):
     """A whole loader batch through the device transform against the old host path, sample by
     sample, with the same per-sample seeds (augmentation and determinism unchanged)."""
     import csv
-    from hvfm.data.dataset import _rng
+    from hvfm.data.dataset import keyed_rng
     root = tmp_path / "videos"
     with open(tmp_path / "ann.csv", "w", newline="") as f:
         w = csv.writer(f)
@@ -139,9 +139,9 @@ def test_loader_batches_equal_the_old_float_path(tmp_path):
     assert batch["pixels"].dtype == torch.uint8
     out = prepare_batch(batch, "cpu")["pixels"]
     for k, i in enumerate(batch["index"].tolist()):
-        rng = _rng(5, 0, i)
+        rng = keyed_rng(5, 0, i)
         frames, _ = decode_clip(ann.resolve(i), 4, True, rng)
-        ref, _ = VideoTransform(32, True)(_resize_frames(frames, 32), rng)
+        ref, _ = VideoTransform(32, True)(resize_frames(frames, 32), rng)
         assert (out[k] - ref).abs().max().item() <= ROUNDING
 
 

@@ -118,8 +118,8 @@ def test_workers_follow_the_launchers_local_rank_count(monkeypatch, env, ranks):
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     assert local_ranks_from_env() == ranks
-    assert default_workers(cpus=32) == max(1, min(8, 32 // ranks - 1))
-    assert default_workers(cpus=16) == max(1, min(8, 16 // ranks - 1))
+    assert default_workers(cpus=32) == max(1, 32 // ranks - 1)
+    assert default_workers(cpus=16) == max(1, 16 // ranks - 1)
 
 
 def test_deepspeed_launchers_local_size_sets_the_worker_default(monkeypatch):

@@ -317,7 +317,7 @@ def test_bench_data_and_epoch_projection(corpus, train_json, tmp_path):
     data_json = tmp_path / "bench_data.json"
     bench_data.main(["--train-csv", str(corpus.train_csv), "--video-root", str(corpus.train_root),
                      "--workers", "0", "--clips", "4", "--batch-size", "2", "--frames", "2",
-                     "--size", "32", "--out", str(data_json)])
+                     "--size", "32", "--decoders", "decord", "--max-load", "1000", "--out", str(data_json)])
     data = json.loads(data_json.read_text())
     assert positive(data["results"][0]["clips_per_s"]) and (tmp_path / "bench_data.md").exists()
 
@@ -338,12 +338,13 @@ def test_bench_data_and_epoch_projection(corpus, train_json, tmp_path):
 
 
 def test_project_epoch_without_training_rates_is_one_line(tmp_path):
-    """gpu_check runs it after bench_train, which may have written nothing (skipped, or killed
-    before its first row): one error line that names the file, not a traceback."""
+    """gpu_check runs it after bench_train and bench_data, which may have written nothing
+    (skipped, or killed before their first row): one error line that names the file, not a
+    traceback. (Without a GPU bench_train result the training rate is the FLOP count's.)"""
     (tmp_path / "empty").mkdir()
     with pytest.raises(SystemExit) as e:
         project_epoch.main(["--results", str(tmp_path / "empty")])
-    assert str(e.value).startswith("error: ") and "bench_train.json" in str(e.value)
+    assert str(e.value).startswith("error: ") and "bench_data.json" in str(e.value)
     (tmp_path / "bench_train.json").write_text(json.dumps({"partial": True, "progress": "set up", "results": []}))
     with pytest.raises(SystemExit) as e:
         project_epoch.main(["--train-json", str(tmp_path / "bench_train.json")])

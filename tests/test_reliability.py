@@ -15,6 +15,7 @@ from hvfm import checkpoint, config
 from hvfm import train as train_mod
 from hvfm.data import DecodeError, build_loader, build_tokenizer, decode_clip, read_annotations
 from hvfm.data.decode import DecoderProcess
+import decode_faults
 from reliability_helpers import BAD_KINDS, add_broken_rows, expected_skips, fault_env
 from videos import BROKEN_KINDS, write_broken, write_clip
 
@@ -77,7 +78,7 @@ def test_hung_and_crashing_decoders_are_abandoned_counted_and_replaced(corpus, t
     decode_timeout and counted; a decoder segfault likewise; the epoch completes and the counts
     equal the replay of sampler + replacement chain (20% of the rows are broken)."""
     ann, kind_of, faults = corpus
-    monkeypatch.setenv("HVFM_TEST_DECODE_FAULT", faults)
+    decode_faults.install(faults, monkeypatch)
     timeout = 2.0  # generous: a legitimate decode on a loaded CI machine never takes that long
     loader = build_loader(ann, tokenizer, batch_size=5, frames=4, size=32, num_workers=workers,
                           seed=3, decode_timeout=timeout)

@@ -24,7 +24,7 @@ the loader does not pin memory) the workers' collate runs that same function, so
 the transform off the training process; `prepare_batch` then only moves and casts.
 
 Hung and crashing decoders: with `decode_timeout` (seconds) every decode runs in a
-`DecoderProcess` child that is killed after that long (or when it crashes) and replaced; the
+`DecoderProcess` child (the shard loader's too) that is killed after that long (or when it crashes) and replaced; the
 sample counts as a skip of kind "timeout" (or "crash"). The DataLoader `timeout` stays as a last
 resort for a worker that stalls outside decoding.
 """
@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .decode import DecodeError, DecoderProcess, _resize_frames, decode_clip
+from .decode import DecodeError, DecoderProcess, resize_frames, decode_clip
 from .errors import DataError
 from .text import MAX_LENGTH, MLMMasker, swap_left_right, swap_top_bottom, tokenize
 from .transform import collate_frames, draw_params, mirror_params, to_model_pixels
@@ -46,7 +46,9 @@ from .swap import swap_captions
 log = logging.getLogger("hvfm.data")
 
 
-def _rng(*key):
+def keyed_rng(*key):
+    """A numpy Generator seeded by the integers `key` (each taken mod 2**32): the one way every
+    random choice of the data side is seeded."""
     return np.random.default_rng(np.random.SeedSequence([int(k) & 0xFFFFFFFF for k in key]))
 
 
@@ -77,7 +79,7 @@ class VideoTextDataset(Dataset):
         if len(frames) < self.min_frames:
             raise DecodeError(path, f"{len(frames)} frame(s), fewer than the {self.min_frames} required")
         if min(frames.shape[1:3]) > 2 * self.size:
-            frames = _resize_frames(frames, self.size)
+            frames = resize_frames(frames, self.size)
         crop, flipped = draw_params(frames.shape[1], frames.shape[2], self.size, self.train, rng,
                                     self.crop_scale, self.hflip)
         caption = self.ann.pair_caption[pair]
@@ -87,7 +89,7 @@ class VideoTextDataset(Dataset):
 
     def replacement(self, index, epoch, attempt):
         """The pair that stands in for `index` at its `attempt`-th (>= 1) failed try."""
-        return int(_rng(self.seed, epoch, index, 0xBAD, attempt).integers(len(self.ann)))
+        return int(keyed_rng(self.seed, epoch, index, 0xBAD, attempt).integers(len(self.ann)))
 
     def __getitem__(self, item):
         index, epoch = item if isinstance(item, tuple) else (item, 0)
@@ -95,9 +97,9 @@ class VideoTextDataset(Dataset):
         for attempt in range(self.max_retries + 1):
             if attempt:
                 pair = self.replacement(index, epoch, attempt)
-                rng = _rng(self.seed, epoch, index, attempt)
+                rng = keyed_rng(self.seed, epoch, index, attempt)
             else:
-                rng = _rng(self.seed, epoch, index)
+                rng = keyed_rng(self.seed, epoch, index)
             try:
                 pixels, crop, caption = self._load(pair, rng)
                 return {"pixels": pixels, "crop": crop, "caption": caption, "index": pair,
@@ -135,7 +137,7 @@ class ResumableDistributedSampler(Sampler):
 
     def indices(self):
         if self.shuffle:
-            order = _rng(self.seed, self.epoch, 0xC0FFEE).permutation(self.n)
+            order = keyed_rng(self.seed, self.epoch, 0xC0FFEE).permutation(self.n)
         else:
             order = np.arange(self.n)
         total = self.num_samples * self.num_replicas
@@ -172,7 +174,7 @@ class Collator:
         self.device_transform = device_transform
 
     def _mirrored(self, s):
-        draw = _rng(self.seed, s["epoch"], s["index"], 0x5EE).random(2)
+        draw = keyed_rng(self.seed, s["epoch"], s["index"], 0x5EE).random(2)
         if draw[0] >= self.mirror:
             return None
         vertical = draw[1] < 0.5
@@ -190,7 +192,7 @@ class Collator:
         captions = [s["caption"] for s in samples]
         ids, attn, special = tokenize(self.tokenizer, captions, self.max_length)
         index = torch.tensor([s["index"] for s in samples], dtype=torch.int64)
-        key = _rng(self.seed, samples[0]["epoch"], *index.tolist()).integers(2**62)
+        key = keyed_rng(self.seed, samples[0]["epoch"], *index.tolist()).integers(2**62)
         gen = torch.Generator().manual_seed(int(key))
         mlm_ids, mlm_labels = self.masker(ids, attn, special, gen)
         failures = [f for s in samples for f in s["failures"]]
@@ -231,7 +233,8 @@ def local_ranks_from_env(environ=None):
 
 def default_workers(cpus=None, local_ranks=None):
     """Loader workers per rank when --workers is not given: one core per rank stays with the
-    training process, the rest decode, at most 8: min(8, cpus // local ranks - 1), at least 1.
+    training process, the rest decode: cpus // local ranks - 1, at least 1 (no upper cap: a node
+    of 8 GPUs and 200 cores gives each rank 24 decoders, which WebVid-scale decoding needs).
     cpus: the cores this process may run on; local ranks: `local_ranks_from_env`."""
     import os
     if cpus is None:
@@ -241,7 +244,7 @@ def default_workers(cpus=None, local_ranks=None):
             cpus = os.cpu_count() or 1
     if local_ranks is None:
         local_ranks = local_ranks_from_env()
-    return max(1, min(8, cpus // max(1, local_ranks) - 1))
+    return max(1, cpus // max(1, local_ranks) - 1)
 
 
 def worker_init(worker_id):

@@ -1,4 +1,5 @@
-"""Decoding F frames of a clip: decord first (one thread, resize on decode), PyAV as fallback.
+"""Decoding F frames of a clip: decord, torchcodec or PyAV (`--decoder`; "auto" tries them in
+`AUTO_ORDER`, a measured order, each next one when the former is missing or fails).
 
 Frame sampling splits the clip into F equal segments and takes a random frame of each segment when
 training, the middle frame when evaluating. One-frame evaluation takes the exact middle of the
@@ -16,18 +17,18 @@ A decoder that hangs (inside C code, where neither a signal nor a thread can sto
 (a segfault) cannot be handled from inside the process that runs it. `DecoderProcess` therefore runs
 `decode_clip` in a child process: after `timeout` seconds without an answer the child is killed
 and a fresh one is forked for the next clip; the clip becomes a `DecodeError` of kind "timeout"
-(or "crash") and is skipped like any other bad file.
-
-Test hook (tests only, never set it in a real run): HVFM_TEST_DECODE_FAULT="hang:NAME,crash:NAME2"
-makes the decode of every file whose name is NAME hang for ever with all signals blocked (as a
-stuck C call would) and of NAME2 kill its process with SIGSEGV.
+(or "crash") and is skipped like any other bad file. What the child runs is named in
+`WATCHDOG_TARGETS` ("module:function" per kind of request: a file, a shard sample held in memory),
+imported in the child; a `DecoderProcess` takes the table's entries when it is made, so a test
+can point a kind at a decode that hangs or crashes (tests/decode_faults.py) without any hook in
+this package.
 """
 from __future__ import annotations
 
+import importlib
 import os
 import pickle
 import signal
-import time
 from pathlib import Path
 
 import numpy as np
@@ -43,7 +44,50 @@ try:
 except ImportError:
     av = None
 
-DECODERS = ("auto", "decord", "pyav")
+DECODERS = ("auto", "decord", "torchcodec", "pyav")
+# "auto" tries these in turn. The order is a measurement: on a quiet machine (load 0.2, 1 worker,
+# 640x360 10-30 s clips, 8 frames at 224) decord gave 5.2 clips/s per worker from one mp4 per
+# clip; decoding alone (8 frames of 3 such clips, one process, at load 8.3 on 2 cores, so a ratio
+# and not a figure) decord gave 4.6 clips/s and PyAV, which decodes every frame up to the last one
+# sampled, 2.0. torchcodec (it seeks, as decord does) sits between them until
+# profiling/bench_data.py measures it where its wheel loads; the bench prints the order its run
+# found ("auto_order" in its JSON): update this line from a quiet run.
+AUTO_ORDER = ("decord", "torchcodec", "pyav")
+
+_torchcodec = None  # the torchcodec.decoders module once imported; an error string if it cannot be
+
+
+def torchcodec_status():
+    """(module, None) when torchcodec imports, else (None, why not): the PyPI wheel links FFmpeg's
+    shared libraries (4-8) and the torch build it was made for; a CPU torch with a CUDA wheel
+    fails to load it."""
+    global _torchcodec
+    if _torchcodec is None:
+        try:
+            from torchcodec import decoders as tc_decoders
+            _torchcodec = tc_decoders
+        except Exception as e:  # noqa: BLE001 - ImportError, or OSError from the shared libraries
+            _torchcodec = (f"torchcodec does not load ({type(e).__name__}: {_short(e, 160)}); install "
+                           f"it with pip install 'hvfm[torchcodec]' for your torch build and FFmpeg's "
+                           f"shared libraries (apt install ffmpeg), or pick --decoder decord/pyav")
+    if isinstance(_torchcodec, str):
+        return None, _torchcodec
+    return _torchcodec, None
+
+
+def available_decoders():
+    """{decoder: None if it can be used here, else why not}."""
+    tc = torchcodec_status()[1]
+    return {"decord": None if decord is not None else "decord not installed (Linux x86-64 wheels only)",
+            "torchcodec": tc,
+            "pyav": None if av is not None else "PyAV not installed (pip install av)"}
+
+
+def decoder_order(decoder):
+    """The decoders `decoder` ("auto" or one name) tries, in order."""
+    if decoder not in DECODERS:
+        raise ValueError(f"unknown decoder {decoder!r}; choose one of {', '.join(DECODERS)}")
+    return AUTO_ORDER if decoder == "auto" else (decoder,)
 
 
 class DecodeError(Exception):
@@ -110,18 +154,53 @@ def decode_size(width, height, short_side):
     return max(2, w - w % 2), max(2, h - h % 2)
 
 
-def _decord(path, num_frames, train, rng, short_side):
-    # decord cannot keep the aspect ratio when it resizes, and asking the container for the size
-    # first (a PyAV probe) opened every file twice: decode at the file's own size, then resize
-    # the few sampled frames to the short side (when asked to; the loader resizes on the device).
-    vr = decord.VideoReader(str(path), num_threads=1)
+def decode_decord(source, num_frames, train, rng, short_side):
+    """decord decode of a file path or a file-like object (an mp4 held in memory)."""
+    if not hasattr(source, "read"):
+        source = str(source)
+    vr = decord.VideoReader(source, num_threads=1)
     frames = take_frames(lambda idx: vr.get_batch(idx).asnumpy(), len(vr), num_frames, train, rng)
+    return resize_frames(frames, short_side) if short_side and frames is not None else frames
+
+
+def decode_torchcodec(source, num_frames, train, rng, short_side, device="cpu"):
+    """torchcodec decode of a file path or of bytes: uint8 (T, H, W, 3), numpy on the CPU; with
+    device="cuda" (NVDEC) a torch tensor on that device (the training process's own decode: a
+    forked loader worker cannot hold a CUDA context)."""
+    tc, why = torchcodec_status()
+    if tc is None:
+        raise ImportError(why)
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        source = bytes(source)
+    elif not hasattr(source, "read"):
+        source = str(source)
+    dec = tc.VideoDecoder(source, device=device, dimension_order="NHWC", num_ffmpeg_threads=1,
+                          seek_mode="exact")
+    n = dec.metadata.num_frames or 0
+    if device == "cpu":
+        def get(idx):
+            return dec.get_frames_at(indices=list(idx)).data.numpy() if len(idx) else None
+        frames = take_frames(get, n, num_frames, train, rng)
+        return resize_frames(frames, short_side) if short_side and frames is not None else frames
+    import torch
+    pair = middle_pair(n, num_frames, train)
+    idx = pair or sample_indices(n, num_frames, train, rng)
+    if not idx:
+        return None
+    frames = dec.get_frames_at(indices=list(idx)).data  # (T, H, W, 3) uint8 on the device
+    if pair is not None and len(frames) == 2:
+        frames = ((frames[0].int() + frames[1].int() + 1) // 2).to(torch.uint8)[None]
     if short_side:
-        frames = _resize_frames(frames, short_side)
+        import torch.nn.functional as F
+        x = frames.permute(0, 3, 1, 2).float()
+        w, h = decode_size(x.shape[3], x.shape[2], short_side)
+        if (h, w) != tuple(x.shape[2:]):
+            x = F.interpolate(x, size=(h, w), mode="bilinear", antialias=True, align_corners=False)
+        frames = x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
     return frames
 
 
-def _pyav(path, num_frames, train, rng, short_side):
+def decode_pyav(path, num_frames, train, rng, short_side):
     """PyAV decode of a file path or of a file-like object (an mp4 held in memory)."""
     with av.open(path if hasattr(path, "read") else str(path)) as container:
         stream = container.streams.video[0]
@@ -174,11 +253,11 @@ def _image(path, short_side):
         raise DecodeError(path, f"image: {type(e).__name__}: {_short(e)}") from None
     frames = frame[None]
     if short_side and min(frames.shape[1:3]) != short_side:
-        frames = _resize_frames(frames, short_side)
+        frames = resize_frames(frames, short_side)
     return frames
 
 
-def _resize_frames(frames, short_side):
+def resize_frames(frames, short_side):
     """uint8 (T, H, W, 3) with the short side resized to `short_side` (antialiased bilinear,
     rounded); the frames themselves when they already have that size."""
     if frames.shape[1:3] == decode_size(frames.shape[2], frames.shape[1], short_side)[::-1]:
@@ -204,12 +283,10 @@ def decode_clip(path, num_frames, train=False, rng=None, short_side=None, decode
     clip; -1: the caller found it missing); None: stat it here.
     Raises DecodeError with a short reason for any bad file.
     """
-    if decoder not in DECODERS:
-        raise ValueError(f"unknown decoder {decoder!r}; choose one of {', '.join(DECODERS)}")
+    order = decoder_order(decoder)
     if train and rng is None:
         raise ValueError("training-mode sampling needs an rng (numpy Generator)")
     path = Path(path)
-    _test_fault(path)
     size = file_size
     if size is None:
         try:
@@ -224,51 +301,41 @@ def decode_clip(path, num_frames, train=False, rng=None, short_side=None, decode
         raise DecodeError(path, "empty file")
     if path.suffix.lower() in IMAGE_SUFFIXES:  # a still: one frame (stage-1 image pretraining)
         return _image(path, short_side), "image"
-    order = {"auto": ("decord", "pyav"), "decord": ("decord",), "pyav": ("pyav",)}[decoder]
-    reasons = []
-    for name in order:
-        impl = {"decord": (decord, _decord), "pyav": (av, _pyav)}[name]
-        if impl[0] is None:
-            reasons.append(f"{name} not installed")
+    return decode_with(order, path, num_frames, train, rng, short_side, name=path)
+
+
+IMPLS = {"decord": decode_decord, "torchcodec": decode_torchcodec, "pyav": decode_pyav}
+
+
+def decode_with(order, source, num_frames, train, rng, short_side, name):
+    """Try the decoders of `order` on `source` (a path, or a file-like object / bytes of an mp4)
+    in turn; (frames, the decoder that gave them), or DecodeError(name) with every reason. A
+    failed attempt gives its random draws back, so the next decoder samples the same frames."""
+    reasons, missing, ready = [], [], available_decoders()
+    for dec in order:
+        if ready[dec] is not None:  # "auto" passes over a decoder that is not here
+            missing.append(ready[dec])
             continue
-        # A failed attempt gives its random draws back, so the fallback samples the same frames.
+        if hasattr(source, "seek"):
+            source.seek(0)
         state = rng.bit_generator.state if rng is not None else None
         try:
-            frames = impl[1](path, num_frames, train, rng, short_side)
+            frames = IMPLS[dec](source, num_frames, train, rng, short_side)
         except Exception as e:  # noqa: BLE001 - any decoder failure is a bad sample, see above
             if rng is not None:
                 rng.bit_generator.state = state
-            reasons.append(f"{name}: {type(e).__name__}: {_short(e)}")
+            reasons.append(f"{dec}: {type(e).__name__}: {_short(e)}")
             continue
         if frames is None or len(frames) == 0:
-            reasons.append(f"{name}: no video frames")
+            reasons.append(f"{dec}: no video frames")
             continue
-        return frames, name
-    raise DecodeError(path, "; ".join(reasons))
+        return frames, dec
+    raise DecodeError(name, "; ".join(reasons or missing))
 
 
 def _short(e, limit=120):
     text = " ".join(str(e).split()) or "no message"
     return text if len(text) <= limit else text[:limit] + "..."
-
-
-# ----------------------------------------------------------------------------- test hook
-
-def _test_fault(path):
-    spec = os.environ.get("HVFM_TEST_DECODE_FAULT")
-    if not spec:
-        return
-    for item in spec.split(","):
-        kind, _, name = item.partition(":")
-        if name != path.name:
-            continue
-        if kind == "hang":  # a stuck C call: nothing but SIGKILL ends it
-            signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
-            while True:
-                time.sleep(3600)
-        if kind == "crash":
-            signal.signal(signal.SIGSEGV, signal.SIG_DFL)
-            os.kill(os.getpid(), signal.SIGSEGV)
 
 
 # ----------------------------------------------------------------------------- watchdog
@@ -282,7 +349,25 @@ def _set_parent_death_signal():
         pass
 
 
-def _serve(conn, parent, shm):
+def decode_file_request(args, rng):
+    """The watchdog child's decode of a file: `decode_clip`'s frames (WATCHDOG_TARGETS["file"])."""
+    path, num_frames, train, short_side, decoder, file_size = args
+    return decode_clip(path, num_frames, train, rng, short_side, decoder, file_size)[0]
+
+
+# What a DecoderProcess child runs per kind of request: "module:function", called as
+# function(args, rng) -> uint8 frames (raising DecodeError for a bad sample).
+WATCHDOG_TARGETS = {"file": "hvfm.data.decode:decode_file_request",
+                    "sample": "hvfm.data.shards:decode_sample_request"}
+
+
+def resolve_target(spec):
+    """The function a "module:function" spec names (imported here, in the child)."""
+    module, _, name = spec.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def _serve(conn, parent, shm, targets):
     _set_parent_death_signal()
     if os.getppid() != parent:  # the parent died before the death signal was armed
         return
@@ -291,9 +376,10 @@ def _serve(conn, parent, shm):
             signal.signal(sig, signal.SIG_DFL)
     except ValueError:  # not the main thread: keep them
         pass
+    functions = {}
     while True:
         try:
-            path, num_frames, train, state, short_side, decoder, file_size = conn.recv()
+            kind, args, state = conn.recv()
         except (EOFError, OSError):
             return
         rng = None
@@ -301,8 +387,9 @@ def _serve(conn, parent, shm):
             rng = np.random.Generator(getattr(np.random, state["bit_generator"])())
             rng.bit_generator.state = state
         try:
-            frames, _ = decode_clip(path, num_frames, train, rng, short_side, decoder, file_size)
-            frames = np.ascontiguousarray(frames)
+            if kind not in functions:
+                functions[kind] = resolve_target(targets[kind])
+            frames = np.ascontiguousarray(functions[kind](args, rng))
             if frames.nbytes <= len(shm):  # the frames go through the shared buffer, not the pipe
                 np.frombuffer(shm, np.uint8, frames.nbytes)[:] = frames.reshape(-1).view(np.uint8)
                 reply = ("shm", (frames.shape, frames.dtype.str))
@@ -319,14 +406,17 @@ def _serve(conn, parent, shm):
 
 
 class DecoderProcess:
-    """`decode_clip` in a child process, abandoned after `timeout` seconds.
+    """Decoding in a child process, abandoned after `timeout` seconds.
 
     One child per process that uses it (each loader worker forks its own on first use, from a
-    state where it has decoded nothing itself). A clip the child does not answer within `timeout`
-    seconds raises DecodeError(kind="timeout"); one that kills the child raises kind="crash"; in
-    both cases the child is killed (SIGKILL) and reaped, and the next clip starts a new one. The
-    rng advances exactly as in-process decoding would advance it, so batches do not depend on
-    whether the watchdog is on. The child also dies with its parent (Linux PR_SET_PDEATHSIG).
+    state where it has decoded nothing itself). `decode` decodes a file (`decode_clip`), `run`
+    any kind of request of `WATCHDOG_TARGETS` (the shard loader's samples held in memory). A
+    request the child does not answer within `timeout` seconds raises DecodeError(kind="timeout");
+    one that kills the child raises kind="crash"; in both cases the child is killed (SIGKILL) and
+    reaped, and the next request starts a new one. The rng advances exactly as in-process
+    decoding would advance it, so batches do not depend on whether the watchdog is on. The child
+    also dies with its parent (Linux PR_SET_PDEATHSIG). `targets`: the table the child imports
+    its functions from (default: `WATCHDOG_TARGETS` as it is when this object is made).
 
     Frames come back through a shared anonymous mapping made before the fork (`buffer_bytes`,
     pages are only allocated when written): the pipe carries the shape and dtype, the parent
@@ -335,20 +425,21 @@ class DecoderProcess:
     on the pipe.
     """
 
-    def __init__(self, timeout, buffer_bytes=64 << 20):
+    def __init__(self, timeout, buffer_bytes=64 << 20, targets=None):
         if not timeout or timeout <= 0:
             raise ValueError(f"decode timeout must be > 0 seconds, got {timeout!r}")
         self.timeout = float(timeout)
         self.buffer_bytes = int(buffer_bytes)
+        self.targets = dict(WATCHDOG_TARGETS if targets is None else targets)
         self._pid = self._conn = self._owner = self._shm = None
         self.started = 0
         self.reply_bytes = 0
 
     def __getstate__(self):  # a copy (spawned worker) starts its own child
-        return {"timeout": self.timeout, "buffer_bytes": self.buffer_bytes}
+        return {"timeout": self.timeout, "buffer_bytes": self.buffer_bytes, "targets": self.targets}
 
     def __setstate__(self, state):
-        self.__init__(state["timeout"], state.get("buffer_bytes", 64 << 20))
+        self.__init__(state["timeout"], state.get("buffer_bytes", 64 << 20), state.get("targets"))
 
     def _start(self):
         import mmap
@@ -361,7 +452,7 @@ class DecoderProcess:
             code = 0
             try:
                 ours.close()
-                _serve(theirs, parent, shm)
+                _serve(theirs, parent, shm, self.targets)
             except BaseException:  # noqa: BLE001 - never return into the parent's code
                 code = 1
             finally:
@@ -394,24 +485,32 @@ class DecoderProcess:
 
     def decode(self, path, num_frames, train=False, rng=None, short_side=None, decoder="auto",
                file_size=None):
+        """`decode_clip(...)[0]` of a file, in the child."""
+        return self.run("file", (str(path), num_frames, train, short_side, decoder, file_size), rng, path)
+
+    def run(self, kind, args, rng, name):
+        """The frames `WATCHDOG_TARGETS[kind]` gives for (args, rng), computed in the child;
+        DecodeError(name) for a bad sample, a hang (kind "timeout") or a crash (kind "crash")."""
+        if kind not in self.targets:
+            raise ValueError(f"unknown watchdog request {kind!r}; known: {', '.join(self.targets)}")
         if self._owner != os.getpid():  # a forked copy: the child (and buffer) belong to the parent
             self._pid = self._conn = self._shm = None
         if self._pid is None:
             self._start()
         state = rng.bit_generator.state if rng is not None else None
         try:
-            self._conn.send((str(path), num_frames, train, state, short_side, decoder, file_size))
+            self._conn.send((kind, args, state))
             answered = self._conn.poll(self.timeout)
         except (EOFError, OSError):
             answered = True  # the child is gone: recv below reports it
         if not answered:
             self.close()
-            raise DecodeError(path, f"decoder timed out after {self.timeout:g} s; abandoned", "timeout")
+            raise DecodeError(name, f"decoder timed out after {self.timeout:g} s; abandoned", "timeout")
         try:
             message = self._conn.recv_bytes()
         except (EOFError, OSError):
             how = self.close()
-            raise DecodeError(path, f"decoder process crashed ({how})", "crash") from None
+            raise DecodeError(name, f"decoder process crashed ({how})", "crash") from None
         self.reply_bytes = len(message)
         status, payload, new_state = pickle.loads(message)
         if rng is not None and new_state is not None:
@@ -426,7 +525,7 @@ class DecoderProcess:
             return payload
         if status == "raise":
             raise payload
-        raise DecodeError(path, payload)
+        raise DecodeError(name, payload)
 
     def __del__(self):
         try:

@@ -1,16 +1,26 @@
 """Write a video-text corpus as tar shards (webdataset layout), the form large trainings stream.
 
     python -m hvfm.data.prepare --train-csv CSV --video-root DIR --out SHARDS
-                                [--size 224] [--fps 8] [--shard-size 1000] [--workers N]
+                                [--format mp4|jpg|webp] [--size N] [--fps 8] [--keep-frames 16]
+                                [--quality 85] [--shard-size 1000] [--workers N]
 
 Every video of the annotation file (a WebVid CSV, or a JSON list, read by the trainer's own
 reader) becomes one sample of key `NNNNNNNNN` (its row number) in `SHARDS/SSSSSS.tar`:
 
-    NNNNNNNNN.mp4   the clip re-encoded with PyAV: H.264 (libx264, yuv420p, one thread), short
-                    side `--size`, `--fps` frames per second, a key frame every second (a short GOP:
-                    a reader seeks cheaply and never decodes far)
+    NNNNNNNNN.mp4   (--format mp4) the clip re-encoded with PyAV: H.264 (libx264, yuv420p, one
+                    thread), short side `--size` (default 224), `--fps` frames per second, a key
+                    frame every second (a short GOP: a reader seeks cheaply and never decodes far)
+    NNNNNNNNN.f00.jpg ... f15.jpg   (--format jpg, or .webp) `--keep-frames` frames of the clip
+                    pre-extracted at short side `--size` (default 256): the evaluation frames of
+                    that many equal segments (`decode.sample_indices`), Pillow JPEG at `--quality`.
+                    Training samples its `--frames` of them with the same sampler as a file (one
+                    random frame per equal segment), then the same random crop and flip: no video
+                    decoding at training time, at the cost of coarser temporal jitter (each of 8
+                    frames is one of 2 stored candidates, not any frame of its segment) and a
+                    fixed 256-px short side
     NNNNNNNNN.txt   its caption(s), one per line, as in the annotation file
-    NNNNNNNNN.json  {"video": the relative path it came from, "row": its row}
+    NNNNNNNNN.json  {"video": the relative path it came from, "row": its row; frame formats also
+                    "frames": the source frame indices stored, "source_frames": the clip's count}
 
 Shard k holds rows k*S .. (k+1)*S-1 (S = --shard-size), so a rerun assigns the same rows to the
 same shard. Resumable: each shard is written to `.tmp-SSSSSS.tar` and renamed when complete, with
@@ -35,11 +45,16 @@ import time
 from fractions import Fraction
 from pathlib import Path
 
+import numpy as np
+
 from .annotations import read_annotations
-from .decode import decode_size
+from .decode import (available_decoders, decode_size, decoder_order, resize_frames, sample_indices,
+                     torchcodec_status)
 from .errors import DataError
 
 FORMAT = "hvfm-shards v1"
+FORMATS = ("mp4", "jpg", "webp")
+DEFAULT_SIZE = {"mp4": 224, "jpg": 256, "webp": 256}
 INDEX = "index.json"
 BAD_FILES = "bad_files.txt"
 PARTS = ".parts"
@@ -94,9 +109,71 @@ def reencode(path, size=224, fps=8, crf=23):
     return buf.getvalue()
 
 
+def read_frames(path, keep, decoder="auto"):
+    """The evaluation frames of `keep` equal segments of a clip (`sample_indices`; all its frames
+    when it has fewer), at the file's own size: (uint8 (T, H, W, 3), their indices, the clip's
+    frame count). decoder: as --decoder ("auto": decord, torchcodec, PyAV, the first installed;
+    decord and torchcodec seek, PyAV decodes up to the last frame wanted)."""
+    ready = available_decoders()
+    order = [d for d in decoder_order(decoder) if ready[d] is None]
+    if not order:
+        raise RuntimeError("; ".join(ready[d] for d in decoder_order(decoder)))
+    name = order[0]
+    if name == "decord":
+        import decord
+        vr = decord.VideoReader(str(path), num_threads=1)
+        n = len(vr)
+        idx = sample_indices(n, keep, train=False)
+        return (vr.get_batch(idx).asnumpy() if idx else None), idx, n
+    if name == "torchcodec":
+        dec = torchcodec_status()[0].VideoDecoder(str(path), dimension_order="NHWC", num_ffmpeg_threads=1)
+        n = dec.metadata.num_frames or 0
+        idx = sample_indices(n, keep, train=False)
+        return (dec.get_frames_at(indices=idx).data.numpy() if idx else None), idx, n
+    import av
+    with av.open(str(path)) as c:
+        stream = c.streams.video[0]
+        n = stream.frames
+        if n > 0:
+            idx = sample_indices(n, keep, train=False)
+            wanted, got = set(idx), {}
+            for i, f in enumerate(c.decode(stream)):
+                if i in wanted:
+                    got[i] = f.to_ndarray(format="rgb24")
+                if i >= idx[-1]:
+                    break
+            if len(got) == len(idx):
+                return np.stack([got[i] for i in idx]), idx, n
+            c.seek(0)
+        frames = [f.to_ndarray(format="rgb24") for f in c.decode(stream)]  # no (or a wrong) count
+    idx = sample_indices(len(frames), keep, train=False)
+    return (np.stack([frames[i] for i in idx]) if idx else None), idx, len(frames)
+
+
+def extract_frames(path, keep=16, size=256, fmt="jpg", quality=85, decoder="auto"):
+    """`keep` frames of the clip at `path` (the evaluation frames of `keep` equal segments; all of
+    them when it has fewer), short side `size`, each encoded as `fmt` (jpg / webp) with Pillow.
+    Returns ([bytes per frame], the source frame indices, the clip's frame count). Raises on a
+    clip without frames or a decoder failure."""
+    from PIL import Image
+    frames, idx, n = read_frames(path, keep, decoder)
+    if frames is None or not len(frames):
+        raise ValueError("no video frames")
+    frames = resize_frames(frames, size)
+    out = []
+    for f in frames:
+        buf = io.BytesIO()
+        if fmt == "jpg":  # 4:2:0 as the source H.264; optimised Huffman tables: smaller, as fast to read
+            Image.fromarray(f).save(buf, format="JPEG", quality=quality, subsampling=2, optimize=True)
+        else:
+            Image.fromarray(f).save(buf, format="WEBP", quality=quality, method=4)
+        out.append(buf.getvalue())
+    return out, [int(i) for i in idx], n
+
+
 def _write_shard(task):
     """Write one shard (a pool task); returns its part record."""
-    out, k, rows, size, fps = task
+    out, k, rows, opts = task
     import webdataset as wds
 
     name = shard_name(k)
@@ -105,15 +182,22 @@ def _write_shard(task):
     with open(tmp, "wb") as f:
         with wds.TarWriter(f, mtime=0) as sink:
             for row, rel, path, captions in rows:
+                meta = {"video": rel, "row": row}
                 try:
                     if not os.path.exists(path):
                         raise FileNotFoundError("missing file")
-                    data = reencode(path, size, fps)
+                    if opts["format"] == "mp4":
+                        video = {"mp4": reencode(path, opts["size"], opts["fps"])}
+                    else:
+                        images, idx, n = extract_frames(path, opts["keep_frames"], opts["size"],
+                                                        opts["format"], opts["quality"], opts["decoder"])
+                        video = {f"f{j:02d}.{opts['format']}": b for j, b in enumerate(images)}
+                        meta.update(frames=idx, source_frames=n)
                 except Exception as e:  # noqa: BLE001 - any bad video is listed, never fatal
                     bad.append([str(path), " ".join(f"{type(e).__name__}: {e}".split())[:200]])
                     continue
-                sink.write({"__key__": f"{row:09d}", "mp4": data, "txt": "\n".join(captions),
-                            "json": {"video": rel, "row": row}})
+                sink.write({"__key__": f"{row:09d}", **video, "txt": "\n".join(captions),
+                            "json": meta})
                 samples += 1
         f.flush()
         os.fsync(f.fileno())
@@ -140,20 +224,32 @@ def _done(out, k):
         return None
 
 
-def prepare(ann_file, video_root, out, size=224, fps=8, shard_size=1000, workers=1, progress=True):
-    """Write the shards of `ann_file` into `out` (see the module docstring); returns the index."""
+def prepare(ann_file, video_root, out, size=None, fps=8, shard_size=1000, workers=1, progress=True,
+            fmt="mp4", keep_frames=16, quality=85, decoder="auto"):
+    """Write the shards of `ann_file` into `out` (see the module docstring); returns the index.
+    fmt: "mp4" (re-encoded clips), "jpg" or "webp" (`keep_frames` pre-extracted frames per clip);
+    size: short side (default 224 for mp4, 256 for frames); decoder: the reader of the frames
+    formats (as --decoder; mp4 re-encodes with PyAV)."""
+    if fmt not in FORMATS:
+        raise DataError(f"--format {fmt}: choose one of {', '.join(FORMATS)}")
+    size = DEFAULT_SIZE[fmt] if size is None else size
     if size < 2 or size % 2:
         raise DataError(f"--size {size}: give an even number of pixels >= 2 (yuv420p)")
-    if fps < 1 or shard_size < 1 or workers < 1:
-        raise DataError("--fps, --shard-size and --workers must be >= 1")
+    if fps < 1 or shard_size < 1 or workers < 1 or keep_frames < 1:
+        raise DataError("--fps, --keep-frames, --shard-size and --workers must be >= 1")
+    if not 1 <= quality <= 100:
+        raise DataError(f"--quality {quality}: give 1..100")
     ann = read_annotations(ann_file, video_root, split="train")  # MSRVTT_data.json: train
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise DataError(f"--out {out}: is a file; give a folder for the shards")
     (out / PARTS).mkdir(parents=True, exist_ok=True)
-    settings = {"size": size, "fps": fps, "shard_size": shard_size, "source": str(Path(ann_file).resolve())}
+    settings = {"size": size, "fps": fps, "shard_size": shard_size, "source": str(Path(ann_file).resolve()),
+                "format": fmt}
+    if fmt != "mp4":
+        settings.update(keep_frames=keep_frames, quality=quality)
     meta = out / PARTS / "settings.json"
-    if meta.exists() and json.loads(meta.read_text()) != settings:
+    if meta.exists() and {"format": "mp4", **json.loads(meta.read_text())} != settings:
         raise DataError(f"--out {out}: holds shards written with other settings "
                         f"({meta.read_text().strip()}); give another folder or empty this one")
     _atomic_text(meta, json.dumps(settings))
@@ -171,7 +267,8 @@ def prepare(ann_file, video_root, out, size=224, fps=8, shard_size=1000, workers
         for i in range(k * shard_size, min(n, (k + 1) * shard_size)):
             path = ann.resolve(i)
             rows.append((i, str(path.relative_to(ann.root)), str(path), ann.captions_of(i)))
-        tasks.append((out, k, rows, size, fps))
+        tasks.append((out, k, rows, {"format": fmt, "size": size, "fps": fps, "keep_frames": keep_frames,
+                                     "quality": quality, "decoder": decoder}))
     if progress:
         print(f"{ann.source}: {n} videos -> {shards} shard(s) in {out}; {len(parts)} already "
               f"done, {len(tasks)} to write ({workers} process(es))", flush=True)
@@ -217,15 +314,27 @@ def main(argv=None):
     src.add_argument("--train-json", help='JSON list of {"video", "caption"}')
     ap.add_argument("--video-root", required=True, help="folder the videos are under")
     ap.add_argument("--out", required=True, help="folder for the shards (SHARDS/*.tar)")
-    ap.add_argument("--size", type=int, default=224, help="short side of the re-encoded clips (even)")
-    ap.add_argument("--fps", type=int, default=8, help="frames per second of the re-encoded clips")
+    ap.add_argument("--format", default="mp4", choices=FORMATS,
+                    help="mp4: each clip re-encoded (short GOP); jpg / webp: --keep-frames frames per "
+                         "clip pre-extracted as images (no video decoding when training; see the "
+                         "README's table of formats)")
+    ap.add_argument("--size", type=int, default=None,
+                    help="short side in pixels, even (default: 224 for mp4, 256 for jpg/webp)")
+    ap.add_argument("--fps", type=int, default=8, help="frames per second of the re-encoded clips (mp4)")
+    ap.add_argument("--keep-frames", type=int, default=16,
+                    help="frames stored per clip (jpg/webp); training samples --frames of them")
+    ap.add_argument("--quality", type=int, default=85, help="JPEG / WebP quality (jpg/webp)")
+    ap.add_argument("--decoder", default="auto", choices=("auto", "decord", "torchcodec", "pyav"),
+                    help="reader of the source clips for jpg/webp (auto: decord, torchcodec, PyAV, the "
+                         "first installed); mp4 re-encodes with PyAV")
     ap.add_argument("--shard-size", type=int, default=1000, help="videos per shard")
     ap.add_argument("--workers", type=int, default=1, help="processes, one shard (one x264 thread) each")
     a = ap.parse_args(argv)
     t0 = time.time()
     try:
         index = prepare(a.train_csv or a.train_json, a.video_root, a.out, a.size, a.fps, a.shard_size,
-                        a.workers)
+                        a.workers, fmt=a.format, keep_frames=a.keep_frames, quality=a.quality,
+                        decoder=a.decoder)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -16,7 +16,7 @@ and slot s = rank * W + L of the world * W slots takes every (world * W)-th shar
 shards than slots every slot reads all shards and keeps every (world * W)-th sample. Samples go
 through a shuffle buffer (webdataset's algorithm; which sample leaves the buffer is drawn from
 (seed, epoch, rank, L, samples taken so far), so the order is reproducible), then are decoded from
-memory (decord, PyAV fallback), cropped, flipped and tokenised exactly as the map-style dataset
+memory (`decode_sample`: an mp4 with --decoder, or pre-extracted images), cropped, flipped and tokenised exactly as the map-style dataset
 does (same `VideoTransform`, `Collator`). An epoch is floor(samples / (world * batch)) batches on
 every rank (ranks must step together); a slot whose shards run out before its share starts its
 next pass (so with uneven shards a few samples repeat within an epoch, others wait for the next).
@@ -42,10 +42,13 @@ What is exact and what is approximate:
     (samples consumed, divided among the new slots), with the new slot layout's shards: some
     samples of the epoch are seen twice, others wait for the next epoch (a warning says so).
 
-Bad samples (undecodable mp4 bytes, no frames) are skipped: the next sample of the stream takes the
-place, and the failure travels with the batch so the skip counters and bad-file log work as for
-files (the "path" is `SHARD_URL:KEY`). `--decode-timeout` does not apply to shards: the bytes are
-decoded in the loader worker itself.
+A sample's video is an mp4 (`NNN.mp4`) or pre-extracted frames (`NNN.f00.jpg`, `NNN.f01.jpg`, ...;
+or .webp), as `prepare --format` wrote them: the same sampler picks frames from either
+(`decode_sample`). Bad samples (undecodable bytes, no frames) are skipped: the next sample of the
+stream takes the place, and the failure travels with the batch so the skip counters and bad-file
+log work as for files (the "path" is `SHARD_URL:KEY`). With `--decode-timeout` every sample decodes
+in a watchdog child (`decode.DecoderProcess`, request kind "sample"): a decode that hangs or
+crashes is abandoned, skipped and counted (kinds "timeout", "crash") as for files.
 """
 from __future__ import annotations
 
@@ -61,8 +64,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from .dataset import COUNTERS, Collator, VideoTextLoader, _rng, worker_init
-from .decode import DecodeError, _pyav, _resize_frames, take_frames
+from .dataset import COUNTERS, Collator, VideoTextLoader, keyed_rng, worker_init
+from .decode import DecodeError, DecoderProcess, decode_with, decoder_order, resize_frames, take_frames
 from .errors import DataError
 from .text import MAX_LENGTH, clean_caption, swap_left_right
 from .transform import draw_params
@@ -159,43 +162,80 @@ def _captions(sample):
 
 # ----------------------------------------------------------------------------- decoding bytes
 
-def _decord_bytes(data, num_frames, train, rng, short_side):
-    import decord
-    # as decode._decord: the file's own size, then the sampled frames resized (no probe)
-    vr = decord.VideoReader(io.BytesIO(data), num_threads=1)
-    frames = take_frames(lambda idx: vr.get_batch(idx).asnumpy(), len(vr), num_frames, train, rng)
-    return _resize_frames(frames, short_side) if short_side else frames
-
-
-def _pyav_bytes(data, num_frames, train, rng, short_side):
-    return _pyav(io.BytesIO(data), num_frames, train, rng, short_side)
+FRAME_FORMATS = ("jpg", "webp")  # pre-extracted frames: NNNNNNNNN.f00.jpg, .f01.jpg, ...
 
 
 def decode_bytes(data, num_frames, train=False, rng=None, short_side=None, decoder="auto", name="<bytes>"):
-    """`decode_clip` for an mp4 held in memory: uint8 (T, H, W, 3), the same frame sampling;
-    DecodeError(name, reason) for bytes that give no frame."""
+    """`decode_clip` for an mp4 held in memory: uint8 (T, H, W, 3), the same frame sampling and
+    decoders; DecodeError(name, reason) for bytes that give no frame."""
+    order = decoder_order(decoder)
     if train and rng is None:
         raise ValueError("training-mode sampling needs an rng (numpy Generator)")
     if not data:
         raise DecodeError(name, "empty video bytes")
-    order = {"auto": ("decord", "pyav"), "decord": ("decord",), "pyav": ("pyav",)}[decoder]
-    reasons = []
-    for impl in order:
-        state = rng.bit_generator.state if rng is not None else None
-        try:
-            frames = (_decord_bytes if impl == "decord" else _pyav_bytes)(data, num_frames, train, rng, short_side)
-        except ImportError:
-            reasons.append(f"{impl} not installed")
-            continue
-        except Exception as e:  # noqa: BLE001 - any decoder failure is a bad sample
-            if rng is not None:
-                rng.bit_generator.state = state
-            reasons.append(f"{impl}: {type(e).__name__}: {' '.join(str(e).split())[:120]}")
-            continue
-        if len(frames):
-            return frames
-        reasons.append(f"{impl}: no video frames")
-    raise DecodeError(name, "; ".join(reasons))
+    return decode_with(order, io.BytesIO(data), num_frames, train, rng, short_side, name)[0]
+
+
+def decode_image(data):
+    """One encoded frame (JPEG, WebP, PNG) as uint8 (H, W, 3), with Pillow (libjpeg-turbo: about
+    as fast as torchvision.io.decode_jpeg on a CPU, and no extra dependency)."""
+    from PIL import Image
+    with Image.open(io.BytesIO(data)) as im:
+        if im.mode != "RGB":
+            im = im.convert("RGB")
+        return np.asarray(im)
+
+
+def frame_members(sample):
+    """The pre-extracted frames of a shard sample, in order: [bytes] of its fNN.jpg / fNN.webp
+    members (empty when it has none)."""
+    found = []
+    for k, v in sample.items():
+        stem, dot, ext = k.partition(".")
+        if dot and ext in FRAME_FORMATS and stem[:1] == "f" and stem[1:].isdigit():
+            found.append((int(stem[1:]), v))
+    return [v for _, v in sorted(found)]
+
+
+def video_of(sample):
+    """What of a shard sample is decoded: {"mp4": bytes} or {"frames": [bytes, ...]} (the other
+    members, caption and metadata, stay in the loader worker); None if it has neither."""
+    if "mp4" in sample:
+        return {"mp4": sample["mp4"]}
+    frames = frame_members(sample)
+    return {"frames": frames} if frames else None
+
+
+def decode_sample(video, num_frames, train=False, rng=None, short_side=None, decoder="auto", name="<sample>"):
+    """The sampled frames of a shard sample's video (`video_of`), uint8 (T, H, W, 3).
+
+    mp4: `decode_bytes`. Pre-extracted frames: the stored frames are the clip's frames to sample
+    from, with the same sampler as a file (`take_frames`: one random frame per equal segment in
+    training), and only the chosen ones are decoded. DecodeError(name) when no frame decodes."""
+    if "mp4" in video:
+        return decode_bytes(video["mp4"], num_frames, train, rng, short_side, decoder, name)
+    images = video["frames"]
+    if train and rng is None:
+        raise ValueError("training-mode sampling needs an rng (numpy Generator)")
+    state = rng.bit_generator.state if rng is not None else None
+
+    def get(idx):
+        return np.stack([decode_image(images[i]) for i in idx]) if len(idx) else None
+    try:
+        frames = take_frames(get, len(images), num_frames, train, rng)
+    except Exception as e:  # noqa: BLE001 - a damaged image is a bad sample
+        if rng is not None:
+            rng.bit_generator.state = state
+        raise DecodeError(name, f"frames: {type(e).__name__}: {' '.join(str(e).split())[:120]}") from None
+    if frames is None or len(frames) == 0:
+        raise DecodeError(name, "no frames")
+    return resize_frames(frames, short_side) if short_side else frames
+
+
+def decode_sample_request(args, rng):
+    """The watchdog child's decode of a shard sample (decode.WATCHDOG_TARGETS["sample"])."""
+    video, num_frames, train, short_side, decoder, name = args
+    return decode_sample(video, num_frames, train, rng, short_side, decoder, name)
 
 
 # ----------------------------------------------------------------------------- dataset
@@ -207,13 +247,14 @@ class ShardDataset(IterableDataset):
 
     def __init__(self, urls, counts, collate, batch_size, *, frames=8, size=224, rank=0, world_size=1,
                  workers=0, seed=0, shuffle_buffer=1000, decoder="auto", max_retries=10,
-                 hflip=0.5, crop_scale=(0.5, 1.0), clean=clean_caption):
+                 hflip=0.5, crop_scale=(0.5, 1.0), clean=clean_caption, decode_timeout=None):
         self.urls, self.counts, self.collate, self.batch_size = list(urls), counts, collate, batch_size
         self.frames, self.size, self.rank, self.world = frames, size, rank, world_size
         self.slots = max(workers, 1)
         self.seed, self.shuffle_buffer, self.decoder = seed, shuffle_buffer, decoder
         self.max_retries, self.clean = max_retries, clean
         self.hflip, self.crop_scale = hflip, crop_scale
+        self.watchdog = DecoderProcess(decode_timeout) if decode_timeout else None
         self.total = sum(counts[u] for u in self.urls)
         self.batches_per_epoch = self.total // (world_size * batch_size)
         if self.batches_per_epoch == 0:
@@ -232,7 +273,7 @@ class ShardDataset(IterableDataset):
 
     # -- the raw stream of one slot
     def _slot_urls(self, slot, p):
-        order = _rng(self.seed, self.epoch, p, 0x5A4D).permutation(len(self.urls))
+        order = keyed_rng(self.seed, self.epoch, p, 0x5A4D).permutation(len(self.urls))
         nslots = self.world * self.slots
         if len(self.urls) >= nslots:
             return [self.urls[i] for i in order[slot::nslots]], None
@@ -305,7 +346,7 @@ class ShardDataset(IterableDataset):
 
     def _resume_stream(self, slot, L, state):
         """The slot's shuffled stream, continued from `state` (see the module docstring)."""
-        base = int(_rng(self.seed, self.epoch, self.rank, L, 0x5B0F).integers(2**62))
+        base = int(keyed_rng(self.seed, self.epoch, self.rank, L, 0x5B0F).integers(2**62))
         k, r, ids = state["k"], state["r"], list(state.get("buf") or [])
         reads = self.reads
         if r == 0:
@@ -327,14 +368,18 @@ class ShardDataset(IterableDataset):
 
     def _sample(self, s, L, k):
         name = f"{s.get('__url__', '?')}:{s.get('__key__', '?')}"
-        rng = _rng(self.seed, self.epoch, self.rank, L, k)
-        if "mp4" not in s or "txt" not in s:
-            raise DecodeError(name, "sample lacks .mp4 or .txt")
+        rng = keyed_rng(self.seed, self.epoch, self.rank, L, k)
+        video = video_of(s)
+        if video is None or "txt" not in s:
+            raise DecodeError(name, "sample lacks a video (.mp4 or .f00.jpg ...) or a caption (.txt)")
         # as VideoTextDataset._load: uint8 frames at their own size (shrunk on the host only when
         # far larger than needed) and the crop row that transform.prepare_batch applies
-        frames = decode_bytes(s["mp4"], self.frames, True, rng, None, self.decoder, name)
+        if self.watchdog is not None:
+            frames = self.watchdog.run("sample", (video, self.frames, True, None, self.decoder, name), rng, name)
+        else:
+            frames = decode_sample(video, self.frames, True, rng, None, self.decoder, name)
         if min(frames.shape[1:3]) > 2 * self.size:
-            frames = _resize_frames(frames, self.size)
+            frames = resize_frames(frames, self.size)
         crop, flipped = draw_params(frames.shape[1], frames.shape[2], self.size, True, rng,
                                     self.crop_scale, self.hflip)
         pixels = torch.from_numpy(np.ascontiguousarray(frames))
@@ -344,7 +389,7 @@ class ShardDataset(IterableDataset):
         if flipped:
             caption = swap_left_right(caption)
         key = s.get("__key__", "")
-        index = int(key) if key.isdigit() else int(_rng(*map(ord, key[:32])).integers(2**62))
+        index = int(key) if key.isdigit() else int(keyed_rng(*map(ord, key[:32])).integers(2**62))
         return {"pixels": pixels, "crop": crop, "caption": caption, "index": index,
                 "epoch": self.epoch, "failures": []}
 
@@ -486,18 +531,26 @@ class ShardLoader(VideoTextLoader):
 def build_shard_loader(spec, tokenizer, *, batch_size, frames=8, size=224, seed=0, num_workers=2,
                        mask_ratio=0.5, rank=0, world_size=1, timeout=120.0, decoder="auto",
                        shuffle_buffer=1000, max_retries=10, pin_memory=False, max_length=MAX_LENGTH,
-                       crop_scale=(0.5, 1.0), clean=clean_caption, swap=False):
+                       crop_scale=(0.5, 1.0), clean=clean_caption, swap=False, decode_timeout=None,
+                       device_transform=None):
     """A `ShardLoader` over the shards of `spec` for one rank: the batches of `build_loader`'s
     training loader (same keys, shapes, transforms, tokenisation and MLM masks; `swap`: with the
-    swapped captions of the caption-swap term)."""
+    swapped captions of the caption-swap term). decode_timeout (seconds, None: off): every
+    sample decodes in a watchdog child (`DecoderProcess`) and one that hangs or crashes is
+    skipped and counted, as for files; the loader's last-resort timeout is then at least 4 x it.
+    device_transform: as `build_loader`'s (None: True when pin_memory)."""
+    if decode_timeout:
+        timeout = max(timeout, 4 * decode_timeout)
     urls = expand_shards(spec)
     counts = shard_counts(urls)
-    collate = Collator(tokenizer, mask_ratio, max_length, seed, device_transform=bool(pin_memory),
-                       swap=swap)
+    if device_transform is None:
+        device_transform = bool(pin_memory)
+    collate = Collator(tokenizer, mask_ratio, max_length, seed, device_transform=device_transform, swap=swap)
     dataset = ShardDataset(urls, counts, collate, batch_size,
                            frames=frames, size=size, rank=rank, world_size=world_size, workers=num_workers,
                            seed=seed, shuffle_buffer=shuffle_buffer, decoder=decoder,
-                           max_retries=max_retries, crop_scale=crop_scale, clean=clean)
+                           max_retries=max_retries, crop_scale=crop_scale, clean=clean,
+                           decode_timeout=decode_timeout)
     loader = DataLoader(dataset, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
                         worker_init_fn=worker_init if num_workers else None,
                         timeout=timeout if num_workers else 0, persistent_workers=False,
