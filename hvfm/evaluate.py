@@ -610,8 +610,8 @@ def parse_args(argv=None):
                     help="videos or captions encoded at once (default: %(default)s)")
     from hvfm.data.dataset import default_workers  # device transform: --workers default
     ap.add_argument("--workers", type=int, default=default_workers(),  # device transform
-                    help="loader worker processes (default: %(default)s here: min(8, cores - 1), "
-                         "at least 1)")
+                    help="loader worker processes (default: %(default)s here: the cores per local "
+                         "rank minus one, at least 1)")
     ap.add_argument("--pool", choices=("auto", "joint", "mean"), default="auto",
                     help="frames in one sequence (joint) or each frame as an image, embeddings "
                          "averaged (mean); auto: mean for a plain CLIP folder, else joint")

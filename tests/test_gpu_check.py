@@ -22,7 +22,8 @@ from profiling import gpu_summary  # noqa: E402
 
 STAGES = ("setup", "tests_kernels", "kernel_errors", "step_check", "tests_sync", "bench_train",
           "bench_kernels", "bench_zero", "bench_data", "project_epoch")
-OPTIONAL = {"flash_attn", "xformers"}  # optional attention backends, imported under try
+OPTIONAL = {"flash_attn", "xformers",  # optional attention backends, imported under try
+            "torchcodec"}  # an optional decoder (`--decoder torchcodec`), skipped where it does not load
 LOCAL = {p.stem for p in (ROOT / "tests").glob("*.py")} | {"hvfm", "kernels", "profiling", "tests"}
 
 
