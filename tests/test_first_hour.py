@@ -91,6 +91,49 @@ def test_hub_id_without_network_fails_at_once(monkeypatch, tmp_path):
     _assert_whole_line(str(e.value), endpoint, "ConnectError", "out of reach")
 
 
+def test_hub_id_with_the_hub_in_reach_goes_to_transformers_and_keeps_its_whole_message(monkeypatch, tmp_path):
+    """A hub that answers (a local HTTP server as HF_ENDPOINT): the probe lets transformers fetch;
+    its error comes back whole, on one line."""
+    import http.server
+    import socketserver
+    import threading
+
+    import huggingface_hub.constants as hub
+    from transformers import CLIPModel
+
+    from hvfm.model.clip import hub_unreachable, load_clip
+
+    class Answer(http.server.BaseHTTPRequestHandler):
+        def do_HEAD(self):
+            self.send_response(302)
+            self.send_header("Location", "/somewhere")
+            self.end_headers()
+
+        def log_message(self, *a):
+            pass
+    _empty_cache(monkeypatch, tmp_path)
+    _online_but_unreachable(monkeypatch)
+    srv = socketserver.TCPServer(("127.0.0.1", 0), Answer)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setattr(hub, "ENDPOINT", f"http://127.0.0.1:{srv.server_address[1]}")
+        assert hub_unreachable() is None
+        long = "We couldn't find it.\n" + "word " * 80 + "THE END."
+        asked = []
+
+        def fetch(cls, name, *a, **k):
+            asked.append(name)
+            raise OSError(long)
+        monkeypatch.setattr(CLIPModel, "from_pretrained", classmethod(fetch))
+        with pytest.raises(ValueError) as e:
+            load_clip(HUB_ID)
+    finally:
+        srv.shutdown()
+        srv.server_close()
+    assert asked == [HUB_ID]
+    _assert_whole_line(str(e.value), "THE END.", "OSError")
+
+
 def _cached_tiny_clip(monkeypatch, tmp_path, hub_id):
     """A tiny CLIP laid out in a Hugging Face cache as a download leaves it."""
     from hvfm.model.testing import tiny_clip, tiny_tokenizer
