@@ -169,8 +169,10 @@ def parse_args(argv=None):
     o.add_argument("--no-eval", action="store_true", help="skip the before/after evaluation")
     o.add_argument("--seed", type=int, default=0, help="every random choice derives from it")
     o.add_argument("--verbose", action="store_true",
-                   help="show the libraries' own progress bars and info lines (transformers, "
-                        "DeepSpeed), which are hidden by default")
+                   help="show the libraries' own progress bars, info lines and notes (transformers, "
+                        "the hub, DeepSpeed's comm-op build line and ZeRO-3 notes, the FutureWarnings "
+                        "raised inside torch.distributed and DeepSpeed), hidden by default; the "
+                        "deepspeed launcher's own lines are hidden by its -q: deepspeed -q hvfm/train.py")
     r = ap.add_argument_group("reliability")
     r.add_argument("--decode-timeout", type=float, default=30.0,
                    help="abandon a video whose decode takes longer than this many seconds (the "

@@ -313,16 +313,25 @@ def ensure_corpus(cache_dir=None, n_train=DEFAULT_TRAIN, n_test=DEFAULT_TEST, fr
     return CorpusPaths.of(final)
 
 
+class _DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
+    """Each option's help ends with its default, unless it has none (None)."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m hvfm.data.synthetic", description=__doc__.split(
         "\n")[0] + " With --images: the image-text corpus of stills.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=_DefaultsHelp)
     ap.add_argument("out", help="output folder")
     ap.add_argument("--train", type=int, default=DEFAULT_TRAIN, help="number of train clips")
     ap.add_argument("--test", type=int, default=DEFAULT_TEST, help="test clips (rounded to whole groups)")
     ap.add_argument("--frames", type=int, default=17, help="odd: the middle frame is the centre")
     ap.add_argument("--size", type=int, default=96, help="frame side in pixels (even)")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0,
+                    help="seed of every clip's and still's random draws: the same flags and seed "
+                         "give the same corpus")
     ap.add_argument("--workers", type=int, default=1, help="processes rendering clips")
     ap.add_argument("--images", type=int, default=None, metavar="N",
                     help="write the image-text corpus instead (stage 1): N training stills, "

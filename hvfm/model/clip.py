@@ -114,18 +114,14 @@ def _folder_recipe(name):
 
 def load_clip(folder: str):
     """Load `(CLIPModel, tokenizer)` from a save_pretrained folder, or from a Hugging Face hub ID
-    (e.g. openai/clip-vit-base-patch16), which transformers resolves when it can reach the hub
-    or finds it in its cache. ValueError, one line: what is missing and how to make a folder."""
+    (e.g. openai/clip-vit-base-patch16): from this machine's Hugging Face cache when it holds a
+    whole copy and the hub is off (HF_HUB_OFFLINE) or out of reach, else through transformers.
+    ValueError, one line: what is missing and how to make a folder."""
     if not os.path.isdir(folder):
         if not looks_like_hub_id(folder):
             raise ValueError(f"CLIP folder {folder} does not exist; pass a folder written by "
                              f"CLIPModel.save_pretrained (with its tokenizer) or a hub ID")
-        try:
-            return CLIPModel.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)
-        except Exception as e:  # noqa: BLE001 - offline, unknown ID, no network: one line
-            why = " ".join(str(e).split())[:160]
-            raise ValueError(f"--clip {folder}: not a folder, and transformers could not load it "
-                             f"as a hub ID ({type(e).__name__}: {why}); {_folder_recipe(folder)}") from None
+        return _load_hub_id(folder)
     missing = _missing(folder)
     if missing:
         raise ValueError(f"CLIP folder {folder} is missing {missing}; expected a folder written "
@@ -133,6 +129,55 @@ def load_clip(folder: str):
     model = CLIPModel.from_pretrained(folder)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     return model, tokenizer
+
+
+def hub_offline() -> bool:
+    """HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) is set, now or when huggingface_hub was imported."""
+    import huggingface_hub.constants as hub
+    return bool(hub.HF_HUB_OFFLINE) or any(
+        os.environ.get(k, "").strip().upper() in {"1", "ON", "YES", "TRUE"}
+        for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def hub_unreachable(timeout: float = 5.0) -> str | None:
+    """Why the Hugging Face hub (HF_ENDPOINT) cannot be reached, one line; None when it answers
+    one HTTP request within `timeout` seconds (any status). No retries: transformers' own
+    download retries a dead network for ~25 s before it fails."""
+    import huggingface_hub.constants as hub
+    from huggingface_hub.utils import get_session
+    try:
+        get_session().head(hub.ENDPOINT, timeout=timeout, follow_redirects=False)
+    except Exception as e:  # noqa: BLE001 - no DNS, refused, timed out, proxy: all mean unreachable
+        return f"{hub.ENDPOINT}: {type(e).__name__}: {' '.join(str(e).split()) or 'no answer'}"
+    return None
+
+
+def cached_hub_folder(hub_id: str) -> str | None:
+    """The folder of `hub_id` in this machine's Hugging Face cache (HF_HOME / HF_HUB_CACHE) when
+    it holds a whole CLIP (config, weights, tokenizer), found without the network; else None."""
+    from huggingface_hub import snapshot_download
+    try:
+        folder = snapshot_download(hub_id, local_files_only=True)
+    except Exception:  # noqa: BLE001 - not cached (LocalEntryNotFoundError, ...)
+        return None
+    return folder if _missing(folder) is None else None
+
+
+def _load_hub_id(name: str):
+    cached = cached_hub_folder(name)
+    why = "HF_HUB_OFFLINE is set" if hub_offline() else hub_unreachable()
+    if why is not None:
+        if cached is not None:
+            return CLIPModel.from_pretrained(cached), AutoTokenizer.from_pretrained(cached)
+        import huggingface_hub.constants as hub
+        raise ValueError(f"--clip {name}: not a folder, and a hub ID that cannot be fetched: it is not "
+                         f"in this machine's Hugging Face cache ({hub.HF_HUB_CACHE}) and the hub is "
+                         f"out of reach ({why}); {_folder_recipe(name)}")
+    try:
+        return CLIPModel.from_pretrained(name), AutoTokenizer.from_pretrained(name)
+    except Exception as e:  # noqa: BLE001 - unknown ID, gated, network lost midway: one line
+        raise ValueError(f"--clip {name}: not a folder, and transformers could not load it as a hub "
+                         f"ID ({type(e).__name__}: {' '.join(str(e).split())}); {_folder_recipe(name)}") from None
 
 
 def add_mask_token(clip_model: CLIPModel, tokenizer, token: str = "<|mask|>") -> bool:
