@@ -188,9 +188,8 @@ def test_train_with_a_hub_id_offline_exits_2_in_one_line(monkeypatch, tmp_path, 
 # ----------------------------------------------------------------------------- help on every flag
 
 # Every CLI in hvfm: (module, the function that builds its parser and parses argv).
-# hvfm.data.prepare's help is issue 22's other helper's (add it here once merged).
 CLIS = [("hvfm.config", "parse_args"), ("hvfm.evaluate", "parse_args"), ("hvfm.export", "main"),
-        ("hvfm.data.synthetic", "main"), ("hvfm.distributed", "main")]
+        ("hvfm.data.synthetic", "main"), ("hvfm.distributed", "main"), ("hvfm.data.prepare", "main")]
 
 
 class _Parser(Exception):

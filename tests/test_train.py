@@ -188,7 +188,7 @@ def test_image_stage_with_the_caption_swap_term_logs_it(tmp_path):
 def test_readme_main_command(tmp_path):
     """The README's main command on the built-in default, shortened with --max-steps."""
     readme = (ROOT / "README.md").read_text()
-    command = "deepspeed -q hvfm/train.py --deepspeed ds_configs/z2.json"
+    command = "deepspeed hvfm/train.py --deepspeed ds_configs/z2.json"
     assert command in readme
     out = tmp_path / "default"
     r = launch(["--deepspeed", "ds_configs/z2.json", "--max-steps", "2", "--image-steps", "2",

@@ -306,9 +306,17 @@ def count_samples(tar_path):
     return len(keys)
 
 
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Defaults shown where there is one: not "(default: None)" on required or open flags."""
+    def _get_help_string(self, action):
+        if action.default is None or action.required:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m hvfm.data.prepare", description=__doc__.split("\n")[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                 formatter_class=_Help)
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--train-csv", help="WebVid CSV (videoid,contentUrl,duration,page_dir,name)")
     src.add_argument("--train-json", help='JSON list of {"video", "caption"}')
