@@ -30,7 +30,7 @@ frames) never stop it: they are left out, counted, and listed in `SHARDS/bad_fil
 (`path<TAB>reason`). When every shard is done, `SHARDS/index.json` records the shards, their sample
 counts and the settings; the trainer reads it (`--train-shards SHARDS`) to know an epoch's length
 and, on `--resume`, which shards each loader worker had finished (skipped without being opened;
-see hvfm/data/shards.py). Rewrite index.json (rerun prepare) if shards are changed by hand.
+see hvfm/data/loading/shards.py). Rewrite index.json (rerun prepare) if shards are changed by hand.
 """
 from __future__ import annotations
 
@@ -48,9 +48,9 @@ from pathlib import Path
 import numpy as np
 
 from .annotations import read_annotations
-from .decode import (available_decoders, decode_size, decoder_order, resize_frames, sample_indices,
+from ..decode import (available_decoders, decode_size, decoder_order, resize_frames, sample_indices,
                      torchcodec_status)
-from .errors import DataError
+from ..errors import DataError
 
 FORMAT = "hvfm-shards v1"
 FORMATS = ("mp4", "jpg", "webp")
@@ -78,7 +78,7 @@ def reencode(path, size=224, fps=8, crf=23):
         buf = io.BytesIO()
         n, prev, t0, t_last = 0, None, None, 0.0
         with av.open(buf, mode="w", format="mp4") as out:
-            # mbtree off: one-threaded x264 is then byte-identical run to run (see synthetic.py)
+            # mbtree off: one-threaded x264 is then byte-identical run to run (see synthetic/clips.py)
             stream = out.add_stream("libx264", rate=fps, options={
                 "threads": "1", "crf": str(crf), "preset": "veryfast",
                 "x264-params": f"keyint={fps}:min-keyint={fps}:scenecut=0:mbtree=0"})
