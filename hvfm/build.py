@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 from hvfm.config import ConfigError
-from hvfm.data.text import load_tokenizer
+from hvfm.data.text.tokens import load_tokenizer
 
 
 def cached_snapshot(hub_id):
@@ -98,7 +98,7 @@ def build_train_loader(args, train_ann, tokenizer, micro, size, rank, world, cud
     clip; the same batches either way (uint8 frames + crop rows, pinned, when bound for a GPU)."""
     from hvfm.config import IMAGE_CROP
     from hvfm.data import build_loader
-    from hvfm.data.shards import build_shard_loader
+    from hvfm.data.loading.shards import build_shard_loader
     crop_scale = IMAGE_CROP if image else (0.5, 1.0)
     common = dict(batch_size=micro, frames=args.frames, size=size, seed=args.seed,
                   num_workers=args.workers, mask_ratio=args.mask_ratio, rank=rank, world_size=world,

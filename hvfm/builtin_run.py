@@ -13,7 +13,7 @@ from hvfm import loop
 from hvfm.config import (BUILTIN_IMAGE, SWAP_WEIGHT, check_run, is_builtin, parse_args,
                          schedule_defaults)
 from hvfm.data import read_annotations
-from hvfm.data.text import clean_caption
+from hvfm.data.text.tokens import clean_caption
 from hvfm.distributed import broadcast
 from hvfm.loop import read_data, read_eval_data, tok_dir_needed
 
@@ -74,8 +74,8 @@ def prepare_data(args, out_dir, rank):
     rank 0 generates the built-in corpus of the stage (stills or clips) and the built-in tokenizer;
     the others wait at the barrier and load them. With data flags: the loop's `read_data`."""
     import torch.distributed as dist
-    from hvfm.data.synthetic import ensure_corpus
-    from hvfm.data.synthetic_images import ensure_images
+    from hvfm.data.synthetic.clips import ensure_corpus
+    from hvfm.data.synthetic.stills import ensure_images
 
     if not is_builtin(args):
         return read_data(args, out_dir, rank)
@@ -100,7 +100,7 @@ def prepare_data(args, out_dir, rank):
         evaluation = read_eval_data(args)
     tok_dir = args.tokenizer
     if tok_dir_needed(args):  # one tokenizer for both built-in corpora; it travels with the image CLIP
-        from hvfm.data.builtin import builtin_tokenizer_dir, ensure_builtin_tokenizer
+        from hvfm.data.synthetic.tokenizer import builtin_tokenizer_dir, ensure_builtin_tokenizer
         if rank == 0:
             ensure_builtin_tokenizer(seed=args.seed)
         dist.barrier()
@@ -121,7 +121,7 @@ def run_eval(model, tokenizer, ann, args, size, dtype, label, rank, pool="joint"
                                 workers=min(args.workers, 2), drop_ratio=args.eval_drop_ratio,
                                 dtype=dtype, pool=pool)
     if args.stage == "image" and is_builtin(args):  # place and colour: own caption vs its twin
-        from hvfm.data.synthetic_images import ensure_probes
+        from hvfm.data.synthetic.stills import ensure_probes
         from hvfm.evaluate import evaluate_probes
         results["probes"] = evaluate_probes(model, tokenizer, ensure_probes(seed=args.seed),
                                             size=size, dtype=dtype)
@@ -173,8 +173,8 @@ def comparison_table(before, after, frames):
 
 def image_clip_key(args):
     """What the built-in image CLIP depends on: a change of any of these builds a new one."""
-    from hvfm.data.builtin import TOKENIZER_VERSION
-    from hvfm.data.synthetic_images import DEFAULT_IMAGES, IMAGE_VERSION
+    from hvfm.data.synthetic.tokenizer import TOKENIZER_VERSION
+    from hvfm.data.synthetic.stills import DEFAULT_IMAGES, IMAGE_VERSION
     return {"preset": args.model, "seed": args.seed, "images": DEFAULT_IMAGES,
             "image_generator": IMAGE_VERSION, "tokenizer": TOKENIZER_VERSION, **BUILTIN_IMAGE,
             "max_steps": args.image_steps or BUILTIN_IMAGE["max_steps"],
@@ -194,7 +194,7 @@ def ensure_image_clip(args, rank):
     import uuid
 
     import torch.distributed as dist
-    from hvfm.data.synthetic_common import cache_root
+    from hvfm.data.synthetic.common import cache_root
 
     key = image_clip_key(args)
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]

@@ -146,7 +146,7 @@ def rescale_loader_state(states, world, rank):
     are seen twice), but a CSV read per rank (rows i % world) and shards (the slot layout
     changes) assign other samples to the new ranks: some samples of the epoch are seen twice,
     others wait for the next epoch. The shard buffers' states are dropped (another layout)."""
-    from hvfm.data.dataset import COUNTERS
+    from hvfm.data.loading.dataset import COUNTERS
     first = states[0]
     state = {k: v for k, v in first.items() if k not in ("shard_raw", "shard_layout")}
     state["position"] = first["position"] * len(states) // world

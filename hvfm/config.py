@@ -85,7 +85,7 @@ def parse_args(argv=None):
                                        "trained on the captions)")
     d.add_argument("--frames", type=int, default=8, help="frames sampled per clip")
     d.add_argument("--size", type=int, default=None, help="frame side (default: the model's)")
-    from hvfm.data.dataset import default_workers
+    from hvfm.data.loading.dataset import default_workers
     d.add_argument("--workers", type=int, default=default_workers(),
                    help="loader worker processes per rank (default: %(default)s here: cores per "
                         "local rank - 1, at least 1, no upper cap; local ranks: LOCAL_SIZE, set by the "
@@ -404,7 +404,7 @@ def cpu_precision(cache=None, measure=time_matmuls):
     faster than fp32, else fp32. Measured once per machine (CPU model, torch, threads) and cached
     in HVFM_CACHE/cpu_precision.json, so the same command trains in the same precision whatever
     the load when it starts; delete the file to measure again."""
-    from hvfm.data.synthetic_common import cache_root
+    from hvfm.data.synthetic.common import cache_root
     path = Path(cache) if cache is not None else cache_root() / "cpu_precision.json"
     machine = cpu_fingerprint()
     try:

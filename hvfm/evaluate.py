@@ -19,7 +19,7 @@ as an image and averages the normalised frame embeddings (CLIP4Clip's zero-shot 
 `--pool joint` (the default for hvfm models) encodes all frames' patches in one sequence, as hvfm
 trains (a CLIP folder then has a zero temporal embedding).
 
-The annotation file's format is detected from its content (`hvfm.data.formats`) and named in one
+The annotation file's format is detected from its content (`hvfm.data.sources.formats`) and named in one
 line on stderr: MSR-VTT's JSFUSION / 9k / 7k CSVs and MSRVTT_data.json (`--split`, default test),
 UMT / Singularity / VINDLU lists (retrieval, or multiple choice with "answer"), DiDeMo's
 LocalizingMoments JSON, ActivityNet Captions' dict, JSON Lines, WebVid CSVs; hvfm's own lists:
@@ -80,7 +80,7 @@ Under torchrun / the deepspeed launcher every rank encodes a contiguous shard of
 captions (and of the re-rank pairs) and the results are all-gathered; rank 0 prints.
 
 Where things are: the metrics (pure functions of score matrices) in `hvfm.metrics`; the clips
-(training's dataset and collate) and the annotation readers in `hvfm.data.eval_data`; here the
+(training's dataset and collate) and the annotation readers in `hvfm.data.loading.evaluation`; here the
 CLI, checkpoint loading, encoding and the orchestration. The moved names stay importable from here.
 """
 from __future__ import annotations
@@ -98,11 +98,11 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hvfm.data import DataError, build_loader, read_annotations, tokenize  # noqa: E402,F401
-from hvfm.data.eval_data import (ClipDataset, EvalClipDataset, EvalCollator,  # noqa: E402,F401
+from hvfm.data.loading.evaluation import (ClipDataset, EvalClipDataset, EvalCollator,  # noqa: E402,F401
                                  clip_batches, detect_format, missing_videos,
                                  read_eval_annotations, read_multiple_choice, subset_annotations)
-from hvfm.data.text import clean_caption  # noqa: E402,F401
-from hvfm.data.transform import prepare_batch  # noqa: E402  # device transform
+from hvfm.data.text.tokens import clean_caption  # noqa: E402,F401
+from hvfm.data.transforms.device import prepare_batch  # noqa: E402  # device transform
 # The pure metrics live in hvfm.metrics; imported here for this module and re-exported for the
 # callers that import them from hvfm.evaluate.
 from hvfm.metrics import (DSL_TEMP, caption_spread, dual_softmax,  # noqa: E402,F401
@@ -155,7 +155,7 @@ def _view_rng(seed, view, first, device):
 
 def _max_tokens(model):
     """Captions are truncated to CLIP's 77 tokens, or fewer if the text tower has fewer positions."""
-    from hvfm.data.text import MAX_LENGTH
+    from hvfm.data.text.tokens import MAX_LENGTH
     return min(MAX_LENGTH, model.text.position_embedding.num_embeddings)
 
 
@@ -179,7 +179,7 @@ def encode_videos(model, tokenizer, ann, videos, frames=8, size=96, batch_size=3
                   pool="joint"):
     """((views, len(videos), P) L2-normalised float32 CPU embeddings (zeros for a failed video),
     {video index: (path, reason)} of the videos that did not decode). The clips are batched by
-    training's collate (`hvfm.data.eval_data`), which tokenises a caption of each: hence the
+    training's collate (`hvfm.data.loading.evaluation`), which tokenises a caption of each: hence the
     tokenizer."""
     from tqdm import tqdm
 
@@ -439,7 +439,7 @@ def evaluate(model, tokenizer, ann, frames=8, size=96, batch_size=32, workers=0,
 def evaluate_probes(model, tokenizer, root, size=96, batch_size=32, workers=0,
                     dtype=torch.float32, n_boot=1000, progress=False):
     """What an image CLIP knows of place and colour, on the probe stills under `root` (see
-    `hvfm.data.synthetic_images.generate_probes`: groups of two stills that differ only in the
+    `hvfm.data.synthetic.stills.generate_probes`: groups of two stills that differ only in the
     place of their objects, mirrored along one axis, or in an object's colour). Per kind
     (place_lr, place_tb, relation, colour): `own_vs_alt`, how often a still scores its own caption
     above the group's other caption (the own caption against its mirrored or recoloured twin),
@@ -585,7 +585,7 @@ def _init_distributed():
 def _report_format(ann):
     """One line naming the detected format and what was read; one warning line when the video
     files were found in more than one way."""
-    from hvfm.data.annotations import describe, found_counts
+    from hvfm.data.sources.annotations import describe, found_counts
     print(f"format: {describe(ann)}", file=sys.stderr, flush=True)
     if len([w for w in ann.found if w != "not found"]) > 1:
         _warn(f"{ann.source}: video files under {ann.root} found in more than one way: "
@@ -608,7 +608,7 @@ def parse_args(argv=None):
     ap.add_argument("--size", type=int, default=None, help="frame side (default: the model's)")
     ap.add_argument("--batch-size", type=int, default=32,
                     help="videos or captions encoded at once (default: %(default)s)")
-    from hvfm.data.dataset import default_workers  # device transform: --workers default
+    from hvfm.data.loading.dataset import default_workers  # device transform: --workers default
     ap.add_argument("--workers", type=int, default=default_workers(),  # device transform
                     help="loader worker processes (default: %(default)s here: the cores per local "
                          "rank minus one, at least 1)")

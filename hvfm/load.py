@@ -142,7 +142,7 @@ def load_export_info(folder, attn=None):
     """(model, tokenizer, info) from an export folder; info: kind, build, clip_config, run_dir."""
     from transformers import CLIPConfig
 
-    from hvfm.data.text import load_tokenizer
+    from hvfm.data.text.tokens import load_tokenizer
 
     folder = Path(folder)
     meta = export_meta(folder)
@@ -177,7 +177,7 @@ def _run_build(run_dir, source):
     run_config.json and the CLIP folder it started from."""
     from transformers import CLIPConfig
 
-    from hvfm.data.text import load_tokenizer
+    from hvfm.data.text.tokens import load_tokenizer
     from hvfm.model import add_mask_token, load_clip
 
     final = run_dir / "final"

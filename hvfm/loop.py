@@ -18,8 +18,8 @@ from hvfm import checkpoint
 from hvfm.build import build_engine, build_model, build_train_loader
 from hvfm.config import check_run
 from hvfm.data import DataError, read_annotations
-from hvfm.data.text import clean_caption, ensure_tokenizer
-from hvfm.data.transform import prepare_batch
+from hvfm.data.text.tokens import clean_caption, ensure_tokenizer
+from hvfm.data.transforms.device import prepare_batch
 from hvfm.distributed import (all_gather, broadcast, init_distributed, quiet_libraries, remove_shm_buffer,
                               start_error_watch)
 
@@ -81,17 +81,17 @@ def read_data(args, out_dir, rank):
     captions into OUTPUT_DIR/tokenizer and the others wait for it."""
     import torch.distributed as dist
     if args.train_shards:  # their captions (lazy: read only if a tokenizer must be trained)
-        from hvfm.data.shards import shard_captions
+        from hvfm.data.loading.shards import shard_captions
         train = shard_captions(args.train_shards)
     elif args.train_csv:  # a WebVid CSV column-wise, this rank's rows only (it has millions)
         train = read_annotations(args.train_csv, args.video_root, clean=clean_caption,
                                  rank=rank, world_size=dist.get_world_size(), split="train")
-    else:  # any format hvfm.data.formats detects; every video with all its sentences
+    else:  # any format hvfm.data.sources.formats detects; every video with all its sentences
         train = read_annotations(args.train_json, args.video_root, clean=clean_caption,
                                  split="train")
     evaluation = read_eval_data(args)
-    if rank == 0:  # the format each file was read as (hvfm.data.formats)
-        from hvfm.data.annotations import describe
+    if rank == 0:  # the format each file was read as (hvfm.data.sources.formats)
+        from hvfm.data.sources.annotations import describe
         for flag, ann in (("train", train), ("eval", evaluation)):
             if getattr(ann, "format", None):
                 print(f"data ({flag}): {describe(ann)}", flush=True)

@@ -54,7 +54,7 @@ def closing_line(args, summary):
         if args.eval_json:
             ann, root = args.eval_json, args.eval_video_root
         elif is_builtin(args):
-            from hvfm.data.synthetic import ensure_corpus
+            from hvfm.data.synthetic.clips import ensure_corpus
             corpus = ensure_corpus()
             ann, root = corpus.test_json, corpus.test_root
         else:

@@ -305,7 +305,7 @@ def main(argv=None):
     env = child_env()
     test = None
     if "--eval-json" not in extra:
-        from hvfm.data.synthetic import ensure_corpus
+        from hvfm.data.synthetic.clips import ensure_corpus
         corpus = ensure_corpus(workers=os.cpu_count())
         test = {"mc": mc_file(corpus.test_json, runs_dir / "test_mc.json"), "root": corpus.test_root}
     rows, done = [], {}

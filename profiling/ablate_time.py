@@ -125,8 +125,8 @@ def stage1_eval(out, seed):
         return json.loads(cache.read_text())
     import torch
     from hvfm.data import read_annotations
-    from hvfm.data.synthetic_images import ensure_images, ensure_probes
-    from hvfm.data.text import clean_caption
+    from hvfm.data.synthetic.stills import ensure_images, ensure_probes
+    from hvfm.data.text.tokens import clean_caption
     from hvfm.evaluate import evaluate, evaluate_probes, load_checkpoint
     torch.manual_seed(0)
     model, tokenizer, _ = load_checkpoint(Path(out) / "final")

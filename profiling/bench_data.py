@@ -51,7 +51,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hvfm.data import build_loader, read_annotations  # noqa: E402
-from hvfm.data.text import clean_caption, ensure_tokenizer  # noqa: E402
+from hvfm.data.text.tokens import clean_caption, ensure_tokenizer  # noqa: E402
 from profiling.machine import (RESULTS, describe, machine_info, markdown_table, write_json,  # noqa: E402
                                write_markdown)
 
@@ -112,7 +112,7 @@ def make_clip(task):
 def ensure_clips(cache, n, min_s, max_s, copies, seed=0, workers=1):
     """The generated clips (made once) and a WebVid CSV listing each `copies` times; returns
     (csv path, video root, [seconds of each clip])."""
-    from hvfm.data.synthetic import run_tasks
+    from hvfm.data.synthetic.common import run_tasks
     root = Path(cache) / f"clips_{WIDTH}x{HEIGHT}_{GEN_FPS}fps_{min_s:g}-{max_s:g}s_seed{seed}"
     root.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -293,7 +293,7 @@ def main(argv=None):
         corpus = (f"{args.gen_clips} generated clips of {WIDTH}x{HEIGHT} at {GEN_FPS} fps, "
                   f"{min(seconds):.1f}-{max(seconds):.1f} s (mean {np.mean(seconds):.1f} s), "
                   f"each listed {args.copies} times")
-        from hvfm.data.prepare import prepare
+        from hvfm.data.sources.prepare import prepare
         for source in sources:
             if not source.startswith("shards-"):
                 continue
@@ -333,7 +333,7 @@ def main(argv=None):
                 return build_loader(ann, tokenizer, batch_size=args.batch_size, frames=args.frames,
                                     size=args.size, num_workers=workers, decoder=decoder, seed=0,
                                     device_transform=on_device, decode_timeout=args.decode_timeout or None)
-            from hvfm.data.shards import build_shard_loader
+            from hvfm.data.loading.shards import build_shard_loader
             return build_shard_loader(shards[source], tokenizer, batch_size=args.batch_size,
                                       frames=args.frames, size=args.size, num_workers=workers,
                                       decoder=decoder if source == "shards-mp4" else "auto", seed=0,

@@ -41,7 +41,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     from hvfm.evaluate import main as evaluate
     if args.ann is None:
-        from hvfm.data.synthetic import ensure_corpus
+        from hvfm.data.synthetic.clips import ensure_corpus
         corpus = ensure_corpus(workers=os.cpu_count())
         args.ann, args.video_root = str(corpus.test_json), str(corpus.test_root)
     base = ["--checkpoint", args.checkpoint, "--ann", args.ann, "--video-root", args.video_root,

@@ -18,7 +18,7 @@
 #               py-cpuinfo, tqdm).
 #   av          PyAV: the built-in corpus and bench_data's clips are ENCODED with it; also a decoder
 #   decord      the faster decoder (optional: the loader falls back to PyAV). --no-decord drops it.
-#   webdataset, braceexpand   the shard loader (hvfm.data.shards, prepare)
+#   webdataset, braceexpand   the shard loader (hvfm.data.loading.shards, prepare)
 # Versions: those of requirements-cpu.txt (the CPU machine's tested set), the rest pinned here.
 # Measured on 2026-12-06: 54.3 MB (51.8 MiB) in all, 11 wheels, av 35.8 MB and decord 13.6 MB of it; the
 # limit this script enforces is 60 MiB (a call carries 64 MiB with the ~1.2 MB working tree).

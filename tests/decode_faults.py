@@ -49,7 +49,7 @@ def file_request(args, rng):
 
 
 def sample_request(args, rng):
-    from hvfm.data.shards import decode_sample_request
+    from hvfm.data.loading.shards import decode_sample_request
     fault(str(args[-1]).rsplit(":", 1)[-1])  # the name is SHARD_URL:KEY
     return decode_sample_request(args, rng)
 

@@ -1,4 +1,4 @@
-"""Device-side preprocessing (hvfm/data/transform.py): uint8 frames + crop rows from the workers,
+"""Device-side preprocessing (hvfm/data/transforms/device.py): uint8 frames + crop rows from the workers,
 crop / resize / normalise where the model runs; the same result as the old float path."""
 import numpy as np
 import pytest
@@ -6,10 +6,10 @@ import torch
 
 from hvfm.data import Collator, build_loader, build_tokenizer, read_annotations
 from hvfm.data.decode import resize_frames, decode_clip
-from hvfm.data.text import swap_left_right, swap_top_bottom
-from hvfm.data.transform import (PARAMS, collate_frames, draw_params, mirror_params, prepare_batch,
+from hvfm.data.text.tokens import swap_left_right, swap_top_bottom
+from hvfm.data.transforms.device import (PARAMS, collate_frames, draw_params, mirror_params, prepare_batch,
                                  to_model_pixels)
-from hvfm.data.transforms import CLIP_STD, VideoTransform
+from hvfm.data.transforms.host import CLIP_STD, VideoTransform
 from videos import write_clip
 
 # The old path resized on the host and rounded to uint8 before the float transform. On a CPU the
@@ -124,7 +124,7 @@ def test_loader_batches_equal_the_old_float_path(tmp_path):
     """A whole loader batch through the device transform against the old host path, sample by
     sample, with the same per-sample seeds (augmentation and determinism unchanged)."""
     import csv
-    from hvfm.data.dataset import keyed_rng
+    from hvfm.data.loading.dataset import keyed_rng
     root = tmp_path / "videos"
     with open(tmp_path / "ann.csv", "w", newline="") as f:
         w = csv.writer(f)
@@ -148,7 +148,7 @@ def test_loader_batches_equal_the_old_float_path(tmp_path):
 def test_cpu_only_batches_are_transformed_in_the_worker_alike():
     """collate_clips(device_transform=False) (a CPU-only run: the worker transforms) gives the
     same pixels as the uint8 batch through prepare_batch; prepare_batch then only casts."""
-    from hvfm.data.transform import collate_clips
+    from hvfm.data.transforms.device import collate_clips
     clips = [torch.from_numpy(_noise(3, 40, 56, s)) for s in range(2)]
     rows = [draw_params(40, 56, 24, True, np.random.default_rng(s))[0] for s in range(2)]
     on_device = prepare_batch(collate_clips(clips, rows, True), "cpu", torch.bfloat16)

@@ -7,7 +7,7 @@ import pytest
 
 from hvfm.data import DataError, DecodeError, decode_clip, read_annotations, sample_indices
 from hvfm.data.decode import middle_pair, take_frames
-from hvfm.data.annotations import WEBVID_COLUMNS, StringColumn
+from hvfm.data.sources.annotations import WEBVID_COLUMNS, StringColumn
 from videos import BROKEN_KINDS, frame_index, write_broken, write_clip
 
 
@@ -173,7 +173,7 @@ def test_one_frame_of_a_motion_group_cannot_read_the_direction(tmp_path, decoder
     codec's noise). An even-length clip has no middle frame: the mean of its two middle frames
     is the same for opposite directions (the axis shows, the direction does not), where frame
     n // 2 alone would show where the object is going."""
-    from hvfm.data.synthetic import generate
+    from hvfm.data.synthetic.clips import generate
     corpus = generate(tmp_path / "syn", n_train=1, n_test=6, frames=frames, size=32, seed=0)
     entries = json.loads(corpus.test_json.read_text())
     clips = {e["variant"]: corpus.test_root / e["video"] for e in entries if e["kind"] == "motion"}

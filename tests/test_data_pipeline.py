@@ -9,9 +9,9 @@ import torch
 from hvfm.data import (DataError, MLMMasker, ResumableDistributedSampler, VideoTransform,
                        build_loader, build_tokenizer, clean_caption, load_tokenizer,
                        read_annotations, tokenize)
-from hvfm.data.text import swap_left_right
-from hvfm.data.transform import PARAMS, prepare_batch
-from hvfm.data.transforms import pixel_range
+from hvfm.data.text.tokens import swap_left_right
+from hvfm.data.transforms.device import PARAMS, prepare_batch
+from hvfm.data.transforms.host import pixel_range
 from videos import BROKEN_KINDS, write_broken, write_clip
 
 CAPTIONS = ["a red circle moves left", "a blue square moves right",

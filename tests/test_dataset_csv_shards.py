@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from hvfm.data import DataError, build_loader, build_tokenizer, read_annotations
-from hvfm.data.annotations import StringColumn
+from hvfm.data.sources.annotations import StringColumn
 
 ROWS = 200_000
 

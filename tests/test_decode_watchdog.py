@@ -9,7 +9,7 @@ import pytest
 
 import hvfm.data.decode as decode
 from hvfm.data import DecodeError, VideoTextDataset, decode_clip, read_annotations
-from hvfm.data.dataset import default_workers
+from hvfm.data.loading.dataset import default_workers
 from hvfm.data.decode import DecoderProcess
 import decode_faults
 from videos import frame_index, write_clip

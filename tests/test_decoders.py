@@ -8,7 +8,7 @@ import pytest
 
 from hvfm.data import DecodeError, decode_clip
 from hvfm.data import decode
-from hvfm.data.shards import decode_bytes
+from hvfm.data.loading.shards import decode_bytes
 from videos import frame_index, write_clip
 
 TORCHCODEC, WHY = decode.torchcodec_status()
@@ -77,9 +77,9 @@ def test_the_trainers_decoder_flag_reaches_both_loaders(tmp_path, monkeypatch):
     assert args.decoder == "pyav"
     seen = {}
     import hvfm.data
-    import hvfm.data.shards
+    import hvfm.data.loading.shards
     monkeypatch.setattr(hvfm.data, "build_loader", lambda ann, tok, **kw: seen.setdefault("files", kw))
-    monkeypatch.setattr(hvfm.data.shards, "build_shard_loader", lambda spec, tok, **kw: seen.setdefault("shards", kw))
+    monkeypatch.setattr(hvfm.data.loading.shards, "build_shard_loader", lambda spec, tok, **kw: seen.setdefault("shards", kw))
     ns = types.SimpleNamespace(**{**vars(args), "train_shards": None})
     build.build_train_loader(ns, None, None, 2, 32, 0, 1, False)
     build.build_train_loader(types.SimpleNamespace(**{**vars(args), "train_shards": "s"}), None, None, 2, 32, 0, 1, False)

@@ -17,7 +17,7 @@ import pytest
 
 from hvfm import config, distributed
 from hvfm.build import cached_snapshot, resolve_clip
-from hvfm.data.dataset import default_workers, local_ranks_from_env
+from hvfm.data.loading.dataset import default_workers, local_ranks_from_env
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -336,7 +336,7 @@ def test_error_watch_stop_is_quiet():
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    from hvfm.data.synthetic import generate
+    from hvfm.data.synthetic.clips import generate
     return generate(tmp_path_factory.mktemp("syn"), n_train=24, n_test=4, frames=4, size=32, seed=0)
 
 

@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from hvfm.data import read_annotations
-from hvfm.data.synthetic import generate
-from hvfm.data.text import build_tokenizer, clean_caption
-from hvfm.data.transform import prepare_batch
-from hvfm.data.eval_data import EvalClipDataset, EvalCollator
+from hvfm.data.synthetic.clips import generate
+from hvfm.data.text.tokens import build_tokenizer, clean_caption
+from hvfm.data.transforms.device import prepare_batch
+from hvfm.data.loading.evaluation import EvalClipDataset, EvalCollator
 from hvfm.evaluate import evaluate, main
 from hvfm.metrics import dual_softmax, retrieval_metrics, topk_indices
 from hvfm.export import save_export
@@ -103,7 +103,7 @@ def test_clip_folder_is_the_image_baseline(env, capsys, tmp_path):
     assert m["kind"] == "clip" and m["pool"] == "mean"
     hf = CLIPModel.from_pretrained(str(env["clip"])).eval()
     ann = env["ann"]
-    from hvfm.data.text import load_tokenizer
+    from hvfm.data.text.tokens import load_tokenizer
     tok = load_tokenizer(env["clip"])
     batch = prepare_batch(EvalCollator(tok)([EvalClipDataset(ann, range(6), 2, 32)[i] for i in range(6)]), "cpu")
     enc = tok(list(ann.pair_caption), padding=True, return_tensors="pt")

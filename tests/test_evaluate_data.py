@@ -1,4 +1,4 @@
-"""hvfm.data.eval_data: evaluation clips go through training's dataset and collate; a bad video is
+"""hvfm.data.loading.evaluation: evaluation clips go through training's dataset and collate; a bad video is
 reported with the batch, not replaced; the evaluation annotation readers."""
 import json
 
@@ -11,11 +11,11 @@ from videos import write_broken, write_clip
 
 from hvfm.data import Annotations, Collator, DataError, VideoTextDataset, read_annotations
 from hvfm.data.decode import decode_clip
-from hvfm.data.eval_data import (EvalClipDataset, EvalCollator, clip_batches, detect_format,
+from hvfm.data.loading.evaluation import (EvalClipDataset, EvalCollator, clip_batches, detect_format,
                                  missing_videos, read_multiple_choice, subset_annotations)
-from hvfm.data.text import build_tokenizer
-from hvfm.data.transform import prepare_batch
-from hvfm.data.transforms import VideoTransform
+from hvfm.data.text.tokens import build_tokenizer
+from hvfm.data.transforms.device import prepare_batch
+from hvfm.data.transforms.host import VideoTransform
 
 SIZE = 32
 

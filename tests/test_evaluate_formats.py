@@ -13,10 +13,10 @@ import pytest
 import torch
 
 from hvfm.data import Annotations, DataError, read_annotations
-from hvfm.data.eval_data import read_eval_annotations
-from hvfm.data.formats import FORMATS, detect
-from hvfm.data.synthetic import generate
-from hvfm.data.text import build_tokenizer, clean_caption
+from hvfm.data.loading.evaluation import read_eval_annotations
+from hvfm.data.sources.formats import FORMATS, detect
+from hvfm.data.synthetic.clips import generate
+from hvfm.data.text.tokens import build_tokenizer, clean_caption
 from hvfm.evaluate import evaluate, evaluate_mc, main
 from hvfm.export import save_export
 from hvfm.load import load_export

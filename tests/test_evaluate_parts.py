@@ -1,11 +1,11 @@
 """The pieces hvfm.evaluate keeps (sharding across ranks) and the names it re-exports after the
-split into hvfm.metrics and hvfm.data.eval_data."""
+split into hvfm.metrics and hvfm.data.loading.evaluation."""
 import numpy as np
 import pytest
 
 import hvfm.evaluate as ev
 from hvfm import metrics
-from hvfm.data import eval_data
+from hvfm.data.loading import evaluation as eval_data
 from hvfm.evaluate import shard_range
 
 

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from hvfm.data import read_annotations
-from hvfm.data.synthetic import generate
-from hvfm.data.text import build_tokenizer
+from hvfm.data.synthetic.clips import generate
+from hvfm.data.text.tokens import build_tokenizer
 from hvfm.evaluate import main as evaluate_main
 from hvfm.export import main as export_main
 from hvfm.model.testing import tiny_clip

@@ -167,7 +167,7 @@ def test_train_with_a_hub_id_offline_exits_2_in_one_line(monkeypatch, tmp_path, 
     """The trainer's start (resolve_clip, every rank): exit 2, one error line, nothing written."""
     import huggingface_hub.constants as hub
     from hvfm import train as train_mod
-    from hvfm.data.synthetic import generate
+    from hvfm.data.synthetic.clips import generate
     corpus = generate(tmp_path / "syn", n_train=16, n_test=4, frames=8, size=32, seed=0)
     _empty_cache(monkeypatch, tmp_path)
     monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)
@@ -189,7 +189,7 @@ def test_train_with_a_hub_id_offline_exits_2_in_one_line(monkeypatch, tmp_path, 
 
 # Every CLI in hvfm: (module, the function that builds its parser and parses argv).
 CLIS = [("hvfm.config", "parse_args"), ("hvfm.evaluate", "parse_args"), ("hvfm.export", "main"),
-        ("hvfm.data.synthetic", "main"), ("hvfm.distributed", "main"), ("hvfm.data.prepare", "main")]
+        ("hvfm.data.synthetic.clips", "main"), ("hvfm.distributed", "main"), ("hvfm.data.prepare", "main")]
 
 
 class _Parser(Exception):
@@ -316,7 +316,7 @@ NOISE = re.compile(r"^\[\d{4}-\d\d-\d\d [\d:,]+\] \[|built successfully|Warning:
 def test_a_zero3_launch_with_q_prints_no_library_line(tmp_path):
     """`deepspeed -q` with 2 ranks and ZeRO-3 (its FutureWarnings, its note on module outputs, the
     CPU comm-op build line on each rank): only hvfm's own lines on the screen."""
-    from hvfm.data.synthetic import generate
+    from hvfm.data.synthetic.clips import generate
     corpus = generate(tmp_path / "syn", n_train=16, n_test=4, frames=8, size=32, seed=0)
     out = tmp_path / "run"
     with socket.socket() as s:

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from hvfm.data.text import swap_left_right, swap_top_bottom
+from hvfm.data.text.tokens import swap_left_right, swap_top_bottom
 from hvfm.model import VideoLanguageModel, sample_hard_negatives
 from hvfm.model.losses import host_pairs, vtc_loss
 from hvfm.model.model import reverse_count

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from hvfm.data import synthetic_images as si
-from hvfm.data.swap import SWAP
+from hvfm.data.synthetic import stills as si
+from hvfm.data.text.swap import SWAP
 from hvfm.evaluate import evaluate_probes, probe_lines, score_matrix
 from hvfm.data import read_annotations
-from hvfm.data.text import clean_caption
+from hvfm.data.text.tokens import clean_caption
 from hvfm.model import VideoLanguageModel
 from hvfm.model.testing import tiny_clip, tiny_tokenizer
 

@@ -41,7 +41,7 @@ def positive(x):
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    from hvfm.data.synthetic import generate
+    from hvfm.data.synthetic.clips import generate
     return generate(tmp_path_factory.mktemp("syn"), n_train=8, n_test=4, frames=4, size=32, seed=0)
 
 
@@ -228,7 +228,7 @@ def test_one_step_leaves_the_batch_to_the_other_variant():
     import argparse
     from types import SimpleNamespace
 
-    from hvfm.data.transform import draw_params
+    from hvfm.data.transforms.device import draw_params
     seen = []
 
     class Engine:  # what train_step uses of a DeepSpeed engine

@@ -12,8 +12,8 @@ import time
 import pytest
 
 from hvfm.data import read_annotations
-from hvfm.data.synthetic import generate
-from hvfm.data.text import clean_caption, ensure_tokenizer
+from hvfm.data.synthetic.clips import generate
+from hvfm.data.text.tokens import clean_caption, ensure_tokenizer
 from reliability_helpers import (add_broken_rows, assert_all_finite, fault_env, kill9, latest, losses,
                                  rng_delay, run, seed_drawing_every_bad_row, shm_buffers, start,
                                  summary, tiny_ds_config, wait_for)

@@ -19,10 +19,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from hvfm.data.prepare import INDEX, prepare
-from hvfm.data.shards import build_shard_loader, shard_captions
-from hvfm.data.synthetic import generate
-from hvfm.data.text import ensure_tokenizer
+from hvfm.data.sources.prepare import INDEX, prepare
+from hvfm.data.loading.shards import build_shard_loader, shard_captions
+from hvfm.data.synthetic.clips import generate
+from hvfm.data.text.tokens import ensure_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -205,7 +205,7 @@ def test_rescaled_position_skips_the_samples_the_old_ranks_took():
     # map-style data: one permutation per epoch split by rank; 4 ranks at position 6 took its
     # first 24 samples, and 2 (or 3) ranks resumed from rank 0's state skip those same ones
     from hvfm.checkpoint import rescale_loader_state
-    from hvfm.data.dataset import ResumableDistributedSampler
+    from hvfm.data.loading.dataset import ResumableDistributedSampler
     n = 60
     taken = {i for r in range(4) for i, _ in list(ResumableDistributedSampler(n, 4, r, seed=1))[:6]}
     states = [{"epoch": 0, "position": 6, "skipped": r, "bad_drawn": 0, "timeouts": 0, "crashes": 1,

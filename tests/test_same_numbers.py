@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from hvfm import config
-from hvfm.data.synthetic import generate
+from hvfm.data.synthetic.clips import generate
 
 ROOT = Path(__file__).resolve().parents[1]
 LOSSES = ("loss", "vtc", "vtm", "mlm")

@@ -12,9 +12,9 @@ import torch
 
 import decode_faults
 from hvfm.data.decode import sample_indices
-from hvfm.data.prepare import INDEX, count_samples, prepare
-from hvfm.data.shards import build_shard_loader, decode_sample, shard_captions, shard_counts, expand_shards, video_of
-from hvfm.data.text import ensure_tokenizer
+from hvfm.data.sources.prepare import INDEX, count_samples, prepare
+from hvfm.data.loading.shards import build_shard_loader, decode_sample, shard_captions, shard_counts, expand_shards, video_of
+from hvfm.data.text.tokens import ensure_tokenizer
 from videos import frame_index, write_clip
 
 N, FPS = 6, 8
@@ -187,7 +187,7 @@ def test_the_watchdog_covers_shard_samples(prepared, tokenizer, monkeypatch, fmt
 
 
 def test_prepare_formats_and_settings(clips, tmp_path, capsys):
-    from hvfm.data.prepare import main as prepare_main
+    from hvfm.data.sources.prepare import main as prepare_main
     out = tmp_path / "s"
     argv = ["--train-json", str(clips / "ann.json"), "--video-root", str(clips), "--out", str(out),
             "--format", "jpg", "--keep-frames", "4", "--shard-size", "3"]
@@ -225,5 +225,5 @@ def test_prepare_reads_frames_with_the_decoder_asked_for(clips, prepared, tmp_pa
 
 
 def frame_members_of(s):
-    from hvfm.data.shards import decode_image, frame_members
+    from hvfm.data.loading.shards import decode_image, frame_members
     return [decode_image(x) for x in frame_members(s)]

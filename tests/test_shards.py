@@ -15,10 +15,10 @@ import pytest
 import torch
 
 from hvfm.data import DataError, DecodeError, build_loader, decode_clip, read_annotations
-from hvfm.data.prepare import BAD_FILES, INDEX, main as prepare_main, prepare
-from hvfm.data.shards import build_shard_loader, decode_bytes, expand_shards, shard_captions
-from hvfm.data.synthetic import generate
-from hvfm.data.text import clean_caption, ensure_tokenizer
+from hvfm.data.sources.prepare import BAD_FILES, INDEX, main as prepare_main, prepare
+from hvfm.data.loading.shards import build_shard_loader, decode_bytes, expand_shards, shard_captions
+from hvfm.data.synthetic.clips import generate
+from hvfm.data.text.tokens import clean_caption, ensure_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 N = 16
@@ -252,7 +252,7 @@ def test_trainer_on_shards_trains_and_resumes(shards, tmp_path):
     assert [int(r["step"]) for r in rows] == [1, 2, 3]
     # Killed after the save of step 2: resume recomputes step 3 from the data position. The
     # trainer's shuffle buffer (1000) holds samples of earlier shards (2 samples each here), which
-    # a resume does not go back for (hvfm/data/shards.py): step 3's batch is another one of the
+    # a resume does not go back for (hvfm/data/loading/shards.py): step 3's batch is another one of the
     # same epoch, so its losses differ; the steps, epoch and logged rows before it stay.
     again = tmp_path / "again"
     shutil.copytree(out, again)

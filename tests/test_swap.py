@@ -10,10 +10,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hvfm.data import synthetic as sv
-from hvfm.data import synthetic_images as si
-from hvfm.data.dataset import Collator
-from hvfm.data.swap import PAIRS, SWAP, swap_caption, swap_captions
+from hvfm.data.synthetic import clips as sv
+from hvfm.data.synthetic import stills as si
+from hvfm.data.loading.dataset import Collator
+from hvfm.data.text.swap import PAIRS, SWAP, swap_caption, swap_captions
 from hvfm.model import VideoLanguageModel
 from hvfm.model.losses import swap_loss
 from hvfm.model.testing import tiny_batch, tiny_clip, tiny_tokenizer
@@ -131,7 +131,7 @@ def _samples(captions):
 
 
 def test_collator_carries_the_swapped_captions(tok):
-    from hvfm.data.transform import draw_params
+    from hvfm.data.transforms.device import draw_params
     samples = _samples(["a red ball moves left", "a green circle jumps", "the box moves up"])
     for s in samples:
         s["crop"] = draw_params(8, 8, 8, False)[0]

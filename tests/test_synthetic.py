@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hvfm.data import synthetic as syn
+from hvfm.data.synthetic import clips as syn
 
 TINY = dict(n_train=12, n_test=12, frames=8, size=32)
 ROOT = Path(__file__).resolve().parents[1]

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from hvfm.data import DecodeError, decode_clip, read_annotations
-from hvfm.data import synthetic_images as si
-from hvfm.data.text import build_tokenizer, clean_caption
+from hvfm.data.synthetic import stills as si
+from hvfm.data.text.tokens import build_tokenizer, clean_caption
 
 ROOT = Path(__file__).resolve().parents[1]
 COLOURS = ("red green blue yellow white black grey purple orange pink cyan magenta brown").split()
@@ -98,7 +98,7 @@ def test_relation_words_match_the_layout():
 
 
 def test_shapes_render_distinctly():
-    from hvfm.data.synthetic_common import shape_mask
+    from hvfm.data.synthetic.common import shape_mask
     g = np.arange(64) + 0.5
     masks = {s: shape_mask(s, g[None, :] - 32, g[:, None] - 32, 20) for s in SHAPES}
     for s, m in masks.items():
@@ -147,7 +147,7 @@ def test_byte_level_tokenizer_never_needs_unk(tmp_path):
 
 
 def test_builtin_tokenizer_holds_both_corpora(tmp_path):
-    from hvfm.data.builtin import ensure_builtin_tokenizer
+    from hvfm.data.synthetic.tokenizer import ensure_builtin_tokenizer
     tok = ensure_builtin_tokenizer(seed=0, cache_dir=tmp_path)
     for w in [*COLOURS, *SHAPES, "moves", "then", "appears", "left", "up", "down", "above"]:
         assert len(tok(w, add_special_tokens=False)["input_ids"]) == 1, w

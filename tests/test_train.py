@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from hvfm import train as train_mod
-from hvfm.data.synthetic import generate
+from hvfm.data.synthetic.clips import generate
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -141,7 +141,7 @@ def test_existing_run_is_not_overwritten(tmp_path, capsys, corpus):
 def test_image_stage_exports_a_clip_folder_that_stage_two_starts_from(corpus, tmp_path):
     from transformers import AutoTokenizer, CLIPModel
 
-    from hvfm.data.synthetic_images import generate_images
+    from hvfm.data.synthetic.stills import generate_images
     stills = generate_images(tmp_path / "stills", n=24, n_test=6, size=32)
     s1 = tmp_path / "s1"
     r = launch(["--deepspeed", "ds_configs/z2.json", "--stage", "image", "--train-json",
@@ -170,7 +170,7 @@ def test_image_stage_exports_a_clip_folder_that_stage_two_starts_from(corpus, tm
 
 
 def test_image_stage_with_the_caption_swap_term_logs_it(tmp_path):
-    from hvfm.data.synthetic_images import generate_images
+    from hvfm.data.synthetic.stills import generate_images
     stills = generate_images(tmp_path / "stills", n=16, n_test=4, size=32)
     out = tmp_path / "swap"
     launch(["--deepspeed", "ds_configs/z2.json", "--stage", "image", "--train-json",

@@ -358,7 +358,7 @@ def decode_file_request(args, rng):
 # What a DecoderProcess child runs per kind of request: "module:function", called as
 # function(args, rng) -> uint8 frames (raising DecodeError for a bad sample).
 WATCHDOG_TARGETS = {"file": "hvfm.data.decode:decode_file_request",
-                    "sample": "hvfm.data.shards:decode_sample_request"}
+                    "sample": "hvfm.data.loading.shards:decode_sample_request"}
 
 
 def resolve_target(spec):

@@ -9,7 +9,7 @@ WebVid CSV: columns `videoid, contentUrl, duration, page_dir, name`; the video i
 on the first rows; each sample still tries the other layout when its file is not where expected.
 
 Every other public format (MSR-VTT, DiDeMo, ActivityNet, UMT / Singularity lists, JSON Lines) is
-detected from the file's content by `hvfm.data.formats` and read by `read_annotations`.
+detected from the file's content by `hvfm.data.sources.formats` and read by `read_annotations`.
 
 JSON: `[{"video": rel_path, "caption": str | [str, ...]}, ...]` (or `"image"` for a still, read
 as a one-frame clip). A caption list means several
@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import DataError
+from ..errors import DataError
 from .formats import FORMATS, PARAGRAPH_FORMATS, candidates, detect, parse, stems
 
 WEBVID_COLUMNS = ("videoid", "contentUrl", "duration", "page_dir", "name")
@@ -114,7 +114,7 @@ class Annotations:
         # (rank, world_size, rows): this object holds only the data rows i with i % world_size ==
         # rank of a file of `rows` data rows (a CSV read for one rank); None: all of it.
         self.shard = shard
-        # what read_annotations found: the file's format (hvfm.data.formats), the task, whether
+        # what read_annotations found: the file's format (hvfm.data.sources.formats), the task, whether
         # sentences were joined into paragraphs, how many entries were merged into an earlier
         # entry of the same video, {way: count} of how the video files were found, a note
         self.format, self.task, self.paragraph, self.merged = None, "retrieval", False, 0
@@ -275,14 +275,14 @@ def read_json_list(path, expected):
 
 def read_annotations(path, video_root, paragraph=False, clean=None, rank=0, world_size=1,
                      split=None):
-    """The annotation file `path` in whichever format its content is (`hvfm.data.formats`): a
+    """The annotation file `path` in whichever format its content is (`hvfm.data.sources.formats`): a
     WebVid CSV streamed (for one rank when world_size > 1, see `read_webvid_csv`), any other
     retrieval format read whole. The entries of one video become one video with all its
     sentences (`merged` counts the entries folded into an earlier one); the video files are found
     as the release names them (`find_videos`). `paragraph`: join each video's sentences into one
     (None: the format's protocol, paragraphs for DiDeMo and ActivityNet). `split`: the
     MSRVTT_data.json split (default test). A multiple-choice file is a DataError here (its reader
-    is `hvfm.data.eval_data.read_multiple_choice`)."""
+    is `hvfm.data.loading.evaluation.read_multiple_choice`)."""
     path = check_file(path)
     found = detect(path)
     if found.format == "webvid_csv":

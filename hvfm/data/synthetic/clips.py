@@ -49,7 +49,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .synthetic_common import build_once, default_cache_dir, is_complete, run_tasks, shape_mask  # noqa: F401
+from .common import build_once, default_cache_dir, is_complete, run_tasks, shape_mask  # noqa: F401
 
 VERSION = 3  # 3: x264 without mbtree (byte-identical output)
 GENERATOR = f"hvfm.data.synthetic v{VERSION}"
@@ -335,12 +335,12 @@ def main(argv=None):
     ap.add_argument("--workers", type=int, default=1, help="processes rendering clips")
     ap.add_argument("--images", type=int, default=None, metavar="N",
                     help="write the image-text corpus instead (stage 1): N training stills, "
-                         "OUT/images.json and OUT/images_test.json (see synthetic_images.py)")
+                         "OUT/images.json and OUT/images_test.json (see stills.py)")
     ap.add_argument("--images-test", type=int, default=500, help="held-out stills with --images")
     a = ap.parse_args(argv)
     t0 = time.time()
     if a.images is not None:
-        from .synthetic_images import generate_images
+        from .stills import generate_images
         out = generate_images(a.out, a.images, a.images_test, a.size, a.seed, a.workers, progress=True)
         print(f"wrote {a.images} train + {a.images_test} test stills to {out} in "
               f"{time.time() - t0:.1f}s; train with --train-json {out / 'images.json'} "

@@ -11,7 +11,7 @@ evaluation adds:
   "videos" == [] and "pixels" None.
 
 Annotation files: `read_eval_annotations` reads any of them, the format detected from the content
-(`hvfm.data.formats`): retrieval files by `hvfm.data.read_annotations`, multiple-choice files
+(`hvfm.data.sources.formats`): retrieval files by `hvfm.data.read_annotations`, multiple-choice files
 (`[{"video", "options" | "caption": [...], "answer": index}]`, MSR-VTT MC) by
 `read_multiple_choice`.
 """
@@ -20,12 +20,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .annotations import Annotations, check_file, check_root, find_videos, read_annotations
+from ..sources.annotations import Annotations, check_file, check_root, find_videos, read_annotations
 from .dataset import Collator, VideoTextDataset, worker_init
-from .decode import DecodeError
-from .errors import DataError
-from .formats import detect, parse
-from .text import clean_caption
+from ..decode import DecodeError
+from ..errors import DataError
+from ..sources.formats import detect, parse
+from ..text.tokens import clean_caption
 
 LOADER_TIMEOUT = 300  # seconds without a batch from the workers before the loader gives up
 
@@ -147,5 +147,5 @@ def read_eval_annotations(path, video_root, paragraph=None, split=None, clean=cl
 
 
 def detect_format(path):
-    """"retrieval" or "mc", from the file's content (`hvfm.data.formats.detect`)."""
+    """"retrieval" or "mc", from the file's content (`hvfm.data.sources.formats.detect`)."""
     return "mc" if detect(check_file(path)).task == "multiple_choice" else "retrieval"

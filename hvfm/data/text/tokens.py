@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import DataError
+from ..errors import DataError
 
 BOS, EOS, PAD, MASK, UNK = "<|startoftext|>", "<|endoftext|>", "<|pad|>", "<|mask|>", "<|unk|>"
 MAX_LENGTH = 77  # CLIP's text context

@@ -65,10 +65,10 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .dataset import COUNTERS, Collator, VideoTextLoader, keyed_rng, worker_init
-from .decode import DecodeError, DecoderProcess, decode_with, decoder_order, resize_frames, take_frames
-from .errors import DataError
-from .text import MAX_LENGTH, clean_caption, swap_left_right
-from .transform import draw_params
+from ..decode import DecodeError, DecoderProcess, decode_with, decoder_order, resize_frames, take_frames
+from ..errors import DataError
+from ..text.tokens import MAX_LENGTH, clean_caption, swap_left_right
+from ..transforms.device import draw_params
 
 log = logging.getLogger("hvfm.data")
 INDEX = "index.json"
@@ -111,7 +111,7 @@ def shard_counts(urls):
                 indexes[folder] = {}
         n = indexes[folder].get(os.path.basename(u))
         if n is None:
-            from .prepare import count_samples
+            from ..sources.prepare import count_samples
             try:
                 n = count_samples(u)
             except Exception as e:  # noqa: BLE001 - tarfile errors of every kind

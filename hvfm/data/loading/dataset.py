@@ -17,7 +17,7 @@ with zero decodable frames is a bad file.
 Workers send uint8 frames at the size the decoder gave them (a file whose short side is more than
 twice the training size is shrunk to it first, so a 4K file does not cross as 4K) and one row of
 crop parameters per sample, drawn here as before; `transform.prepare_batch` crops, resizes and
-normalises on the device (see hvfm/data/transform.py). The batch's "pixels" are therefore uint8
+normalises on the device (see hvfm/data/transforms/device.py). The batch's "pixels" are therefore uint8
 (B, T, H, W, 3) with a "crop" tensor beside them until `prepare_batch` turns them into the float
 (B, T, 3, size, size) the model takes. Without a GPU (`device_transform=False`, the default when
 the loader does not pin memory) the workers' collate runs that same function, so a CPU run keeps
@@ -37,11 +37,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .decode import DecodeError, DecoderProcess, resize_frames, decode_clip
-from .errors import DataError
-from .text import MAX_LENGTH, MLMMasker, swap_left_right, swap_top_bottom, tokenize
-from .transform import collate_frames, draw_params, mirror_params, to_model_pixels
-from .swap import swap_captions
+from ..decode import DecodeError, DecoderProcess, resize_frames, decode_clip
+from ..errors import DataError
+from ..text.tokens import MAX_LENGTH, MLMMasker, swap_left_right, swap_top_bottom, tokenize
+from ..transforms.device import collate_frames, draw_params, mirror_params, to_model_pixels
+from ..text.swap import swap_captions
 
 log = logging.getLogger("hvfm.data")
 

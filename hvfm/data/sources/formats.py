@@ -4,7 +4,7 @@
 or two); `parse(path, detected, split)` turns it into plain records, one per entry of the file:
 retrieval `(video name, [sentences], extra)`, multiple choice `(video name, [options], answer,
 extra)`. Turning records into `Annotations` (merging the sentences of one video into one gallery
-entry, finding the video files) is `hvfm.data.annotations.read_annotations`'s work; the WebVid
+entry, finding the video files) is `hvfm.data.sources.annotations.read_annotations`'s work; the WebVid
 CSV is streamed by `read_webvid_csv` and only detected here.
 
 Formats (name: file users have, where it comes from):
@@ -39,7 +39,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import DataError
+from ..errors import DataError
 
 FORMATS = {
     "webvid_csv": "WebVid CSV (videoid, name, ...)",

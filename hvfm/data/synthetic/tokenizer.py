@@ -10,9 +10,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from . import synthetic as syn
-from . import synthetic_images as simg
-from .text import clean_caption, ensure_tokenizer_from
+from . import clips as syn
+from . import stills as simg
+from ..text.tokens import clean_caption, ensure_tokenizer_from
 
 TOKENIZER_VERSION = 1
 VOCAB_SIZE = 1000

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .synthetic_common import build_once, default_cache_dir, is_complete, run_tasks, shape_mask
+from .common import build_once, default_cache_dir, is_complete, run_tasks, shape_mask
 
 IMAGE_VERSION = 3
 PER_PAGE = 1000

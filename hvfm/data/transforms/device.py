@@ -25,8 +25,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .decode import decode_size
-from .transforms import CLIP_MEAN, CLIP_STD, crop_box, resize
+from ..decode import decode_size
+from .host import CLIP_MEAN, CLIP_STD, crop_box, resize
 
 # One row of `crop` per sample: the valid frame region (h, w) in the padded uint8 tensor, the size
 # (rh, rw) the whole frame is resized to, the crop box in that resized frame, the output size, and
