@@ -181,7 +181,10 @@ def parse_args(argv=None):
     r.add_argument("--max-nonfinite", type=int, default=5,
                    help="stop (exit code 3) after this many non-finite losses or gradients in a row; "
                         "each one is skipped")
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    if args.swap_weight is None:  # the stage's default (SWAP_WEIGHT)
+        args.swap_weight = SWAP_WEIGHT["image" if args.stage == "image" else "video"]
+    return args
 
 
 # ----------------------------------------------------------------------------- checks before work
