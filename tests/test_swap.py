@@ -245,8 +245,10 @@ def test_flag_default_help_and_bad_value(tmp_path):
     from hvfm import config
     ds = str(Path(__file__).resolve().parents[1] / "ds_configs" / "z2.json")
     base = ["--deepspeed", ds, "--precision", "fp32", "--output-dir", str(tmp_path / "out")]
-    args = config.parse_args(base)  # the video stage: off unless asked
-    assert config.check_run(args, cuda=False)[0]["swap"] == 0.0 == config.SWAP_WEIGHT["video"]
+    args = config.parse_args(base)  # the video stage: its own default
+    assert config.check_run(args, cuda=False)[0]["swap"] == config.SWAP_WEIGHT["video"]
+    args = config.parse_args([*base, "--swap-weight", "0"])  # off when asked
+    assert config.check_run(args, cuda=False)[0]["swap"] == 0.0
     args = config.parse_args([*base, "--stage", "image"])  # the image stage: on by default
     assert config.check_run(args, cuda=False)[0] == {"vtc": 1.0, "vtm": 0.0, "mlm": 0.0,
                                                       "swap": config.SWAP_WEIGHT["image"]}
