@@ -188,6 +188,10 @@ def module_setup(opts, scratch):
     rng = np.random.default_rng(opts.seed)
     captions = [" ".join(rng.choice(WORDS, int(rng.integers(3, 12)))) for _ in range(opts.batch_size)]
     batch = tiny_batch(tok, captions, [opts.frames] * opts.batch_size, image=opts.size, seed=opts.seed)
+    if weights.get("swap", 0) > 0:  # the caption-swap term's fields, as the trainer's collator adds
+        from hvfm.data.loading.dataset import swap_fields
+        from hvfm.data.text.tokens import MAX_LENGTH
+        batch.update(swap_fields(tok, captions, MAX_LENGTH))
 
     def norms(name):
         def read():

@@ -208,12 +208,18 @@ class Collator:
 
 
     def _swapped(self, captions):
-        swapped, changed = swap_captions(captions)
-        rows = [i for i, c in enumerate(changed) if c]
-        ids, attn, _ = tokenize(self.tokenizer, [swapped[i] for i in rows] or captions[:1],
-                                self.max_length)
-        return {"swap_index": torch.tensor(rows, dtype=torch.int64), "swap_input_ids": ids,
-                "swap_attention_mask": attn}
+        return swap_fields(self.tokenizer, captions, self.max_length)
+
+
+def swap_fields(tokenizer, captions, max_length):
+    """The caption-swap term's batch fields for `captions`: "swap_index" (K,) the rows with a pair
+    of words to swap, "swap_input_ids" / "swap_attention_mask" (max(K, 1), L') their swapped
+    captions tokenised (with K = 0 the one row is the first caption, unused)."""
+    swapped, changed = swap_captions(captions)
+    rows = [i for i, c in enumerate(changed) if c]
+    ids, attn, _ = tokenize(tokenizer, [swapped[i] for i in rows] or captions[:1], max_length)
+    return {"swap_index": torch.tensor(rows, dtype=torch.int64), "swap_input_ids": ids,
+            "swap_attention_mask": attn}
 
 
 def local_ranks_from_env(environ=None):
