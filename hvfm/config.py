@@ -315,8 +315,6 @@ def check_args(args, cuda):
         assert len(weights) == 3 and min(weights) >= 0
     except (ValueError, AssertionError):
         raise ConfigError(f"--loss-weights {args.loss_weights}: give three numbers VTC,VTM,MLM >= 0") from None
-    if args.swap_weight is None:
-        args.swap_weight = SWAP_WEIGHT["image" if args.stage == "image" else "video"]
     if not 0.0 <= args.swap_weight:
         raise ConfigError(f"--swap-weight {args.swap_weight:g}: give a number >= 0")
     from hvfm.model import parse_drop_ratio

@@ -149,30 +149,26 @@ def _ci(x, ci, fmt=".2f", scale=1.0):
     return f"{x * scale:{fmt}} [{ci[0] * scale:{fmt}}, {ci[1] * scale:{fmt}}]"
 
 
+def finished_runs(runs_dir, pattern):
+    """(folder, parse_name of it, its summary) of each finished run matching `pattern`."""
+    for out in sorted(Path(runs_dir).glob(pattern)):
+        name = parse_name(out.name)
+        if finished(out) and name is not None:
+            yield out, name, json.loads((out / "summary.json").read_text())
+
+
 def stage1_rows(runs_dir):
-    rows = []
-    for out in sorted(Path(runs_dir).glob("s1_w*_seed*")):
-        if not finished(out) or parse_name(out.name) is None:
-            continue
-        _, _, weight, seed = parse_name(out.name)
-        summary = json.loads((out / "summary.json").read_text())
-        rows.append({"run": out.name, "weight": float(weight), "seed": int(seed),
-                     "steps": summary["steps"], "wall_min": summary["wall_s"] / 60,
-                     **stage1_eval(out, int(seed))})
+    rows = [{"run": out.name, "weight": weight, "seed": seed, "steps": s["steps"],
+             "wall_min": s["wall_s"] / 60, **stage1_eval(out, seed)}
+            for out, (_, _, weight, seed), s in finished_runs(runs_dir, "s1_w*_seed*")]
     return sorted(rows, key=lambda r: (r["weight"], r["seed"]))
 
 
 def stage2_rows(runs_dir):
-    rows = []
-    for out in sorted(Path(runs_dir).glob("s2_*_seed*")):
-        if not finished(out) or parse_name(out.name) is None:
-            continue
-        _, tag, weight, seed = parse_name(out.name)
-        s = json.loads((out / "summary.json").read_text())
-        rows.append({"run": out.name, "weight": weight, "seed": seed, "clip": tag,
-                     "steps": s["steps"], "wall_min": s["wall_s"] / 60,
-                     "vtm_loss": s.get("last_losses", {}).get("vtm"),
-                     "before": s["eval"].get("before"), "after": s["eval"].get("after")})
+    rows = [{"run": out.name, "weight": weight, "seed": seed, "clip": tag, "steps": s["steps"],
+             "wall_min": s["wall_s"] / 60, "vtm_loss": s.get("last_losses", {}).get("vtm"),
+             "before": s["eval"].get("before"), "after": s["eval"].get("after")}
+            for out, (_, tag, weight, seed), s in finished_runs(runs_dir, "s2_*_seed*")]
     return sorted(rows, key=lambda r: (r["clip"], r["weight"], r["seed"]))
 
 
