@@ -124,8 +124,9 @@ def parse_args(argv=None):
                         "among the non-matching pairs: 1 the hardest (ALBEF), 0 uniformly")
     t.add_argument("--mirror-negatives", type=float, default=0.0, metavar="FRACTION",
                    help="image stage: that fraction of the stills also enters its batch mirrored "
-                        "(left-right or top-bottom) with its place words swapped, a hard negative "
-                        "that only position tells apart")
+                        "along an axis its caption names (left-right or top-bottom; captions with "
+                        "no place words are not mirrored) with its place words swapped, a hard "
+                        "negative that only position tells apart")
     t.add_argument("--swap-weight", type=float, default=None, metavar="W",
                    help="weight of the caption-swap term (any stage, any data): each caption with "
                         "a pair of place, direction or time words (left/right, top/bottom, up/down, "

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from hvfm.data.text.tokens import swap_left_right, swap_top_bottom
+from hvfm.data.text.tokens import place_axes, swap_left_right, swap_top_bottom
 from hvfm.model import VideoLanguageModel, sample_hard_negatives
 from hvfm.model.losses import host_pairs, vtc_loss
 from hvfm.model.model import reverse_count
@@ -89,6 +89,9 @@ def test_mirrored_stills_swap_their_place_words(tok):
     assert swap_top_bottom("a red star up at the top, a cross below a circle") == \
         "a red star down at the bottom, a cross above a circle"
     assert swap_left_right("a box to the left of a ball") == "a box to the right of a ball"
+    assert place_axes("a box to the left of a ball") == ("lr",)
+    assert place_axes("a star up on the right") == ("lr", "tb")
+    assert place_axes("a circle in the center") == () and place_axes("the leftover cake") == ()
     # The Collator's mirrored samples (a flip in the crop row, applied on the device):
     # tests/test_data_device.py::test_mirrored_stills_are_flipped_on_the_device
 

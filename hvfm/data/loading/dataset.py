@@ -39,7 +39,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..decode import DecodeError, DecoderProcess, resize_frames, decode_clip
 from ..errors import DataError
-from ..text.tokens import MAX_LENGTH, MLMMasker, swap_left_right, swap_top_bottom, tokenize
+from ..text.tokens import MAX_LENGTH, MLMMasker, place_axes, swap_left_right, swap_top_bottom, tokenize
 from ..transforms.device import collate_frames, draw_params, mirror_params, to_model_pixels
 from ..text.swap import swap_captions
 
@@ -154,8 +154,9 @@ class Collator:
     """Stacks samples (zero-pads frames to the longest clip), tokenises captions, masks for MLM.
 
     `mirror` (stage-1 stills), a fraction in [0, 1]: that share of the samples (each a draw
-    seeded by the sample) also enters the batch mirrored, left-right or top-bottom, with the
-    place words of its caption swapped. The two captions then differ only in where things are,
+    seeded by the sample) also enters the batch mirrored along an axis its caption names (left-right
+    or top-bottom, drawn when it names both; captions without place words are not mirrored), with
+    the place words of its caption swapped. The two captions then differ only in where things are,
     so a contrastive loss cannot be met by colour and shape alone (within the built-in stage 1's
     budget it did not teach place either: README, "How time gets in").
 
@@ -175,9 +176,10 @@ class Collator:
 
     def _mirrored(self, s):
         draw = keyed_rng(self.seed, s["epoch"], s["index"], 0x5EE).random(2)
-        if draw[0] >= self.mirror:
+        axes = place_axes(s["caption"])  # mirrored along an axis its caption does not name, the
+        if draw[0] >= self.mirror or not axes:  # still would be a second positive of its caption
             return None
-        vertical = draw[1] < 0.5
+        vertical = axes[int(draw[1] * len(axes))] == "tb"
         caption = (swap_top_bottom if vertical else swap_left_right)(s["caption"])
         return {**s, "crop": mirror_params(s["crop"], vertical), "caption": caption, "failures": []}
 

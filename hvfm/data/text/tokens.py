@@ -55,6 +55,15 @@ def swap_top_bottom(text):
     return _TOP_BOTTOM.sub(lambda m: _VERTICAL[m.group(1)], text)
 
 
+def place_axes(text):
+    """The axes a caption's place words name: "lr" (left/right), "tb" (top/bottom, up/down,
+    above/below, upper/lower), both, or neither (an empty tuple). Mirroring an image along an
+    axis its caption does not name leaves the caption true, so only these axes give a caption
+    that the mirrored image does not match."""
+    return tuple(axis for axis, pattern in (("lr", _LEFT_RIGHT), ("tb", _TOP_BOTTOM))
+                 if pattern.search(text))
+
+
 def build_tokenizer(captions, folder, vocab_size=1000):
     """Train a byte-level BPE tokenizer (lower-case; CLIP's and GPT-2's byte alphabet as the base,
     so any text encodes without an unknown token) on `captions` and save it as an HF tokenizer
