@@ -106,7 +106,7 @@ from hvfm.data.transforms.device import prepare_batch  # noqa: E402  # device tr
 # The pure metrics live in hvfm.metrics; imported here for this module and re-exported for the
 # callers that import them from hvfm.evaluate.
 from hvfm.metrics import (DSL_TEMP, caption_spread, dual_softmax,  # noqa: E402,F401
-                          group_bootstrap_ci, mc_accuracy, mc_option_scores, mean_similarity,
+                          group_bootstrap_ci, group_rank_labels, linear_probe, mc_accuracy, mc_option_scores, mean_similarity,
                           r1_intervals, ranks, recall_metrics, rerank, rerank_pairs, rerank_sum,
                           rerank_topk, retrieval_metrics, temporal_accuracy, temporal_hits, time_diagnostics,
                           topk_indices, v2t_in_group)
@@ -444,8 +444,13 @@ def evaluate_probes(model, tokenizer, root, size=96, batch_size=32, workers=0,
     (place_lr, place_tb, relation, colour): `own_vs_alt`, how often a still scores its own caption
     above the group's other caption (the own caption against its mirrored or recoloured twin),
     and `t2i`, how often a caption picks its own still of the two, each with a 95% bootstrap
-    interval over groups (`n_boot` resamples); `caption_spread` (text tower: 0 when the two
-    captions map to one point); chance is 0.5 for both."""
+    interval over groups (`n_boot` resamples); chance is 0.5 for both. Which tower is blind:
+    `caption_spread` (text tower: 0 when the two captions map to one point), `image_spread` (the
+    same for the two stills' embeddings: 0 when the image tower maps a still and its twin to one
+    point), and for the place kinds `image_probe_acc` / `image_probe_chance`, a linear probe
+    (`hvfm.metrics.linear_probe`, half the groups to fit) reading from the image embedding the
+    words its caption differs in ("left" or "right", "above" or "below"; None for colour, whose
+    differing words name no common variant)."""
     ann = read_annotations(Path(root) / "probes.json", root, clean=clean_caption)
     _, _, temb, vemb, _ = _encode_checked(model, tokenizer, ann, "raise", False, batch_size,
                                           progress, frames=1, size=size, workers=workers,
@@ -457,16 +462,26 @@ def evaluate_probes(model, tokenizer, root, size=96, batch_size=32, workers=0,
     text_video = np.asarray(ann.pair_video)
     t2i, _ = temporal_hits(sims, text_video, groups)
     i2t, _ = v2t_in_group(sims, text_video, groups)
+    still_caption = {int(v): ann.pair_caption[i] for i, v in enumerate(text_video)}  # one a still
+    img = vemb[0].double().numpy()  # (stills, P): the one view
     out = {}
     for kind in sorted(set(kinds.tolist())):
         vid = kinds == kind
         rows = vid[text_video]
         own = group_bootstrap_ci(i2t[vid], groups[vid], n_boot, 0)
         pick = group_bootstrap_ci(t2i[rows], groups[text_video][rows], n_boot, 0)
+        probe = None
+        if kind != "colour":
+            labels = group_rank_labels([still_caption[int(v)] for v in np.nonzero(vid)[0]],
+                                       groups[vid])
+            probe = linear_probe(img[vid], labels, groups[vid])
         out[kind] = {"own_vs_alt": float(np.mean(i2t[vid])), "own_vs_alt_ci": list(own),
                      "t2i": float(np.mean(t2i[rows])), "t2i_ci": list(pick),
                      "caption_spread": caption_spread(temb[rows],
                                                       groups[text_video][rows]),
+                     "image_spread": caption_spread(img[vid], groups[vid]),
+                     "image_probe_acc": None if probe is None else probe["acc"],
+                     "image_probe_chance": None if probe is None else probe["chance"],
                      "groups": int(len(np.unique(groups[vid]))), "chance": 0.5}
     return out
 
@@ -479,7 +494,11 @@ def probe_lines(m):
         lines.append(f"{kind:9} own vs {'recoloured' if kind == 'colour' else 'mirrored'} "
                      f"{r['own_vs_alt']:.3f} [{a:.2f}, {b:.2f}], caption picks its still "
                      f"{r['t2i']:.3f} [{c:.2f}, {d:.2f}] over {r['groups']} groups (chance 0.5); "
-                     f"caption spread {_num(r['caption_spread'])}")
+                     f"caption spread {_num(r['caption_spread'])}, image spread "
+                     f"{_num(r.get('image_spread'))}"
+                     + ("" if r.get("image_probe_acc") is None else
+                        f", image probe {r['image_probe_acc']:.3f} (chance "
+                        f"{r['image_probe_chance']:.2f})"))
     return lines
 
 

@@ -13,6 +13,11 @@ go to every run):
   accuracy (all frames and one frame), t2v / v2t R@1, each with its interval, the final VTM
   loss against its prior, and the image CLIP's row.
 
+- heldout: the issue's held-out protocol: stage 2 from that image CLIP with the video stage's
+  default recipe on the clips of another seed (`--corpus-seed`), trained on as a user's data
+  (`--train-csv`, 2 epochs, 8 frames) and evaluated on their test split, the image CLIP's row
+  beside it.
+
 - attribution: what each of hvfm's additions to the paper's recipe brings, alone and all
   together, 2 seeds each (stage 2 seed S from the stage-1 runs of seed S): the caption-swap term
   in the image stage (the image CLIP at `--pick` against weight 0), reversed-clip negatives,
@@ -26,6 +31,7 @@ extended or resumed.
 
     python profiling/ablate_time.py stage1 --weights 0 0.05 0.1 0.2 0.5 --seeds 0 1 --jobs 2
     python profiling/ablate_time.py stage2 --pick 0.2 --weights 0 0.1 0.2 --jobs 2
+    python profiling/ablate_time.py heldout --pick 0.2 --corpus-seed 1
     python profiling/ablate_time.py attribution --seeds 0 1 --jobs 2
     python profiling/ablate_time.py report            # tables from the runs so far
 
@@ -50,16 +56,24 @@ from profiling.machine import RESULTS, machine_info, markdown_table, run_logged,
 
 VTM_PRIOR = 0.5623  # cross-entropy of 1 positive in 4 pairs (positive, 2 hard negatives, reversed)
 PROBE_KINDS = ("place_lr", "place_tb", "relation", "colour")
+HELDOUT = "ho"  # the heldout study's runs: ho{corpus seed}_s2_...
+WEIGHTS = {"stage1": [0.0, 0.05, 0.1, 0.2, 0.5], "stage2": [0.0, 0.1, 0.2]}  # heldout: the default
 
 
-def run_name(stage, weight, seed, tag=None):
-    """s1_w{weight}_seed{seed}; stage 2: s2_{tag of the image CLIP}_w{weight}_seed{seed}."""
-    return f"s{stage}_{tag + '_' if tag else ''}w{weight:g}_seed{seed}"
+def run_name(stage, weight, seed, tag=None, variant=None):
+    """s1_w{weight}_seed{seed}; stage 2: s2_{tag of the image CLIP}_w{weight}_seed{seed}; a
+    variant of the recipe or the data (its own table rows) goes first: {variant}_s1_..."""
+    return f"{variant + '_' if variant else ''}s{stage}_{tag + '_' if tag else ''}w{weight:g}_seed{seed}"
 
 
-def parse_name(name):
-    m = re.fullmatch(r"s(?P<stage>[12])_(?:(?P<tag>.+)_)?w(?P<w>[0-9.e-]+)_seed(?P<s>\d+)", name)
-    return None if m is None else (int(m["stage"]), m["tag"], float(m["w"]), int(m["s"]))
+def parse_name(name, with_variant=False):
+    """(stage, tag, weight, seed) of a run folder's name, (+ variant) with `with_variant`."""
+    m = re.fullmatch(r"(?:(?P<v>(?!s[12]_)[a-z][a-z0-9]*)_)?s(?P<stage>[12])_(?:(?P<tag>.+)_)?"
+                     r"w(?P<w>[0-9.e-]+)_seed(?P<s>\d+)", name)
+    if m is None:
+        return None
+    out = (int(m["stage"]), m["tag"], float(m["w"]), int(m["s"]))
+    return out + (m["v"],) if with_variant else out
 
 
 # (name, uses the swap-trained image CLIP, stage-2 flags); the base: none of the additions
@@ -112,6 +126,16 @@ def train(out, flags, args):
     return out, code
 
 
+def heldout_flags(corpus_seed):
+    """Data flags of the heldout study: the built-in generator's clips of another seed (generated
+    once into the hvfm cache), trained on as a user's data (2 epochs, 8 frames) and evaluated on
+    their own test split."""
+    from hvfm.data.synthetic.clips import ensure_corpus
+    c = ensure_corpus(seed=corpus_seed, workers=os.cpu_count(), progress=True)
+    return ["--epochs", "2", "--frames", "8", "--train-csv", str(c.train_csv), "--video-root",
+            str(c.train_root), "--eval-json", str(c.test_json), "--eval-video-root", str(c.test_root)]
+
+
 def run_all(jobs, args):
     with ThreadPoolExecutor(max(1, args.jobs)) as pool:
         return list(pool.map(lambda j: train(*j, args), jobs))
@@ -119,10 +143,13 @@ def run_all(jobs, args):
 
 # ----------------------------------------------------------------------------- evaluation
 def stage1_eval(out, seed):
-    """Probe stills and test stills of a finished stage-1 run (cached in OUT/ablate_eval.json)."""
+    """Probe stills and test stills of a finished stage-1 run (cached in OUT/ablate_eval.json; a
+    cache from before the image tower's diagnostics is computed again)."""
     cache = Path(out) / "ablate_eval.json"
     if cache.is_file():
-        return json.loads(cache.read_text())
+        res = json.loads(cache.read_text())
+        if all("image_spread" in p for p in res["probes"].values()):
+            return res
     import torch
     from hvfm.data import read_annotations
     from hvfm.data.synthetic.stills import ensure_images, ensure_probes
@@ -149,27 +176,45 @@ def _ci(x, ci, fmt=".2f", scale=1.0):
     return f"{x * scale:{fmt}} [{ci[0] * scale:{fmt}}, {ci[1] * scale:{fmt}}]"
 
 
-def finished_runs(runs_dir, pattern):
-    """(folder, parse_name of it, its summary) of each finished run matching `pattern`."""
-    for out in sorted(Path(runs_dir).glob(pattern)):
-        name = parse_name(out.name)
-        if finished(out) and name is not None:
+def finished_runs(runs_dir, stage):
+    """(folder, (stage, tag, weight, seed, variant) of its name, its summary) of each finished
+    run of `stage`, variants included."""
+    for out in sorted(Path(runs_dir).glob(f"*s{stage}_*_seed*")):
+        name = parse_name(out.name, with_variant=True)
+        if finished(out) and name is not None and name[0] == stage:
             yield out, name, json.loads((out / "summary.json").read_text())
 
 
+def run_flags(out):
+    """The flags of a run folder (its run_config.json), {} when it has none."""
+    cfg = Path(out) / "run_config.json"
+    return json.loads(cfg.read_text()).get("args", {}) if cfg.is_file() else {}
+
+
+def variant_label(out, variant):
+    """What a variant run changed, from its own flags where it can tell."""
+    mirror = run_flags(out).get("mirror_negatives") or 0
+    if variant and mirror:
+        return f"--mirror-negatives {mirror:g}"
+    if variant and variant.startswith(HELDOUT):
+        return f"corpus seed {variant[len(HELDOUT):]}"
+    return variant or ""
+
+
 def stage1_rows(runs_dir):
-    rows = [{"run": out.name, "weight": weight, "seed": seed, "steps": s["steps"],
-             "wall_min": s["wall_s"] / 60, **stage1_eval(out, seed)}
-            for out, (_, _, weight, seed), s in finished_runs(runs_dir, "s1_w*_seed*")]
-    return sorted(rows, key=lambda r: (r["weight"], r["seed"]))
+    rows = [{"run": out.name, "weight": weight, "seed": seed, "variant": variant_label(out, v),
+             "steps": s["steps"], "wall_min": s["wall_s"] / 60, **stage1_eval(out, seed)}
+            for out, (_, _, weight, seed, v), s in finished_runs(runs_dir, 1)]
+    return sorted(rows, key=lambda r: (r["variant"], r["weight"], r["seed"]))
 
 
 def stage2_rows(runs_dir):
-    rows = [{"run": out.name, "weight": weight, "seed": seed, "clip": tag, "steps": s["steps"],
+    rows = [{"run": out.name, "weight": weight, "seed": seed, "clip": tag,
+             "variant": variant_label(out, v), "steps": s["steps"],
              "wall_min": s["wall_s"] / 60, "vtm_loss": s.get("last_losses", {}).get("vtm"),
              "before": s["eval"].get("before"), "after": s["eval"].get("after")}
-            for out, (_, tag, weight, seed), s in finished_runs(runs_dir, "s2_*_seed*")]
-    return sorted(rows, key=lambda r: (r["clip"], r["weight"], r["seed"]))
+            for out, (_, tag, weight, seed, v), s in finished_runs(runs_dir, 2)]
+    return sorted(rows, key=lambda r: (r["variant"], r["clip"], r["weight"], r["seed"]))
 
 
 def attribution_rows(runs_dir):
@@ -199,14 +244,23 @@ def attribution_table(rows):
     return markdown_table(head, body)
 
 
+def _probe_read(p):
+    acc = p.get("image_probe_acc")
+    return "-" if acc is None else f"{acc:.2f}"
+
+
 def stage1_table(rows):
-    head = ["swap weight", "seed", "steps", "place l-r", "place t-b", "relation", "colour",
+    head = ["swap weight", "variant", "seed", "steps", "place l-r", "place t-b", "relation",
+            "colour", "relation: caption / image spread", "relation: image probe (chance 0.5)",
             "t2i R@1", "i2t R@1", "train min"]
     body = []
     for r in rows:
         p = r["probes"]
-        body.append([f"{r['weight']:g}", str(r["seed"]), str(r["steps"]),
+        rel = p["relation"]
+        body.append([f"{r['weight']:g}", r.get("variant") or "-", str(r["seed"]), str(r["steps"]),
                      *[_ci(p[k]["own_vs_alt"], p[k]["own_vs_alt_ci"]) for k in PROBE_KINDS],
+                     f"{rel['caption_spread']:.3f} / {rel.get('image_spread', float('nan')):.3f}",
+                     _probe_read(rel),
                      _ci(r["t2i_r1"], r["t2i_r1_ci"], ".1f"), _ci(r["i2t_r1"], r["i2t_r1_ci"], ".1f"),
                      f"{r['wall_min']:.1f}"])
     return markdown_table(head, body)
@@ -217,23 +271,24 @@ def _kind(r, kind):
 
 
 def stage2_table(rows):
-    head = ["from image CLIP", "swap weight (stage 2)", "seed", "model", "motion", "order",
+    head = ["from image CLIP", "corpus", "swap weight (stage 2)", "seed", "model", "motion", "order",
             "1-frame motion", "1-frame order", "t2v R@1", "v2t R@1", "motion spread",
             f"VTM loss (prior {VTM_PRIOR})"]
     body, seen = [], set()
     for r in rows:
         for who, res in (("image CLIP", r["before"]), ("harvested", r["after"])):
-            if not res or (who == "image CLIP" and r["clip"] in seen):
+            if not res or (who == "image CLIP" and (r["clip"], r["variant"]) in seen):
                 continue
             a, o = res["all_frames"], res.get("one_frame", {})
-            body.append([r["clip"], "-" if who == "image CLIP" else f"{r['weight']:g}",
+            body.append([r["clip"], r["variant"] or "built-in",
+                         "-" if who == "image CLIP" else f"{r['weight']:g}",
                          str(r["seed"]), who, _kind(a, "motion"), _kind(a, "order"),
                          _kind(o, "motion"), _kind(o, "order"),
                          _ci(a["t2v_r1"], [x for x in a.get("t2v_r1_ci", [])], ".1f"),
                          _ci(a["v2t_r1"], [x for x in a.get("v2t_r1_ci", [])], ".1f"),
                          f"{a.get('motion_caption_spread', float('nan')):.3f}",
                          "-" if who == "image CLIP" or r["vtm_loss"] is None else f"{r['vtm_loss']:.3f}"])
-        seen.add(r["clip"])
+        seen.add((r["clip"], r["variant"]))
     return markdown_table(head, body)
 
 
@@ -252,7 +307,8 @@ def report(args):
                  + stage1_table(s1) + "\n\n")
     if s2:
         body += ("## Stage 2: the term in the video stage, from one image CLIP\n\n"
-                 "Built-in test split (200 groups per kind), 8 frames; chance 0.25 for motion, 0.5 "
+                 "Test split of the corpus trained on (built-in: seed 0; `heldout`: the clips of "
+                 "another seed, 200 groups per kind each), 8 frames; chance 0.25 for motion, 0.5 "
                  "for order; [95% bootstrap interval over groups].\n\n" + stage2_table(s2) + "\n")
     if attr:
         body += ("\n## Attribution: each addition alone and all together\n\n"
@@ -269,16 +325,21 @@ def report(args):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("study", choices=("stage1", "stage2", "attribution", "report"),
+    ap.add_argument("study", choices=("stage1", "stage2", "heldout", "attribution", "report"),
                     help="what to run")
-    ap.add_argument("--weights", type=float, nargs="+", default=[0.0, 0.05, 0.1, 0.2, 0.5],
-                    help="caption-swap weights (default: 0 0.05 0.1 0.2 0.5)")
+    ap.add_argument("--weights", type=float, nargs="+", default=None,
+                    help="caption-swap weights (default: 0 0.05 0.1 0.2 0.5 for stage1, 0 0.1 0.2 "
+                         "for stage2, the video stage's default for heldout)")
+    ap.add_argument("--corpus-seed", type=int, default=1,
+                    help="heldout: the seed of the clip corpus stage 2 trains and is evaluated on "
+                         "(the built-in one is seed 0) (default: 1)")
     ap.add_argument("--seeds", type=int, nargs="+", default=None,
-                    help="seeds (default: 0 1 for stage1, 0 for stage2)")
+                    help="seeds (default: 0 for stage2 and heldout, 0 1 otherwise)")
     ap.add_argument("--clip", default=None,
-                    help="stage2: the image CLIP (default: RUNS_DIR/s1_w{--pick}_seed0/final)")
+                    help="stage2, heldout: the image CLIP (default: RUNS_DIR/s1_w{--pick}_seed0/final)")
     ap.add_argument("--pick", type=float, default=0.2,
-                    help="stage2: the stage-1 weight whose seed-0 run is the image CLIP (default: 0.2)")
+                    help="stage2, heldout: the stage-1 weight whose seed-0 run is the image CLIP "
+                         "(default: 0.2)")
     ap.add_argument("--jobs", type=int, default=1, help="runs at a time (default: 1)")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch threads per run (default: the cores divided by --jobs)")
@@ -288,7 +349,10 @@ def main(argv=None):
     ap.add_argument("--out", default=str(RESULTS), help="where the JSON and markdown go")
     args, extra = ap.parse_known_args(argv)
     args.extra = [x for x in extra if x != "--"]
-    args.seeds = args.seeds or ([0] if args.study == "stage2" else [0, 1])
+    args.seeds = args.seeds or ([0] if args.study in ("stage2", "heldout") else [0, 1])
+    if args.weights is None:
+        from hvfm.config import SWAP_WEIGHT
+        args.weights = WEIGHTS.get(args.study, [SWAP_WEIGHT["video"]])
     args.threads = args.threads or max(1, (os.cpu_count() or 1) // max(1, args.jobs))
     runs = Path(args.runs_dir)
     runs.mkdir(parents=True, exist_ok=True)
@@ -296,13 +360,17 @@ def main(argv=None):
         jobs = [(runs / run_name(1, w, s), ["--stage", "image", "--swap-weight", f"{w:g}",
                                              "--seed", str(s)]) for w in args.weights for s in args.seeds]
         run_all(jobs, args)
-    elif args.study == "stage2":
+    elif args.study in ("stage2", "heldout"):
         clip = args.clip or str(runs / run_name(1, args.pick, 0) / "final")
         if not Path(clip).is_dir():
             sys.exit(f"--clip {clip}: no such folder; run the stage1 study first or pass --clip")
         tag = Path(clip).parent.name if Path(clip).name == "final" else Path(clip).name
-        jobs = [(runs / run_name(2, w, s, tag), ["--clip", clip, "--swap-weight", f"{w:g}",
-                                             "--seed", str(s)]) for w in args.weights for s in args.seeds]
+        variant, data = None, []
+        if args.study == "heldout":  # the issue's protocol: the image CLIP, then another seed's clips
+            variant, data = f"{HELDOUT}{args.corpus_seed}", heldout_flags(args.corpus_seed)
+        jobs = [(runs / run_name(2, w, s, tag, variant),
+                 ["--clip", clip, "--swap-weight", f"{w:g}", "--seed", str(s), *data])
+                for w in args.weights for s in args.seeds]
         run_all(jobs, args)
     elif args.study == "attribution":
         jobs = []

@@ -8,12 +8,17 @@ def test_run_names_round_trip():
     for stage, w, s, tag in ((1, 0.05, 1, None), (1, 0.0, 0, None), (2, 0.2, 0, "s1_w0.2_seed0")):
         name = at.run_name(stage, w, s, tag)
         assert at.parse_name(name) == (stage, tag, w, s)
-    assert at.parse_name("something_else") is None
+        assert at.parse_name(name, with_variant=True) == (stage, tag, w, s, None)
+        for variant in ("mirror1", "ho1"):
+            name = at.run_name(stage, w, s, tag, variant)
+            assert at.parse_name(name, with_variant=True) == (stage, tag, w, s, variant)
+    assert at.parse_name("something_else") is None and at.parse_name("attr_base_seed0") is None
 
 
 def _probe(x):
     return {k: {"own_vs_alt": x, "own_vs_alt_ci": [x - 0.1, x + 0.05], "t2i": x,
-                "t2i_ci": [x - 0.1, x], "caption_spread": 0.1, "groups": 200, "chance": 0.5}
+                "t2i_ci": [x - 0.1, x], "caption_spread": 0.1, "image_spread": 0.004,
+                "image_probe_acc": None if k == "colour" else 0.61, "groups": 200, "chance": 0.5}
             for k in at.PROBE_KINDS}
 
 
@@ -25,26 +30,34 @@ def _time(motion, order):
 
 def test_report_reads_the_runs(tmp_path):
     runs = tmp_path / "runs"
-    for w, s, place in ((0.2, 0, 0.97), (0.0, 0, 0.52)):
-        out = runs / at.run_name(1, w, s)
+    for w, s, place, variant in ((0.2, 0, 0.97, None), (0.0, 0, 0.52, None), (0.2, 0, 0.81, "mirror1")):
+        out = runs / at.run_name(1, w, s, variant=variant)
         (out / "final").mkdir(parents=True)
+        if variant:
+            (out / "run_config.json").write_text(json.dumps({"args": {"mirror_negatives": 1.0}}))
         (out / "summary.json").write_text(json.dumps({"steps": 1200, "wall_s": 600.0}))
         (out / "ablate_eval.json").write_text(json.dumps({"probes": _probe(place), "t2i_r1": 45.0,
                                                           "t2i_r1_ci": [40.0, 50.0], "i2t_r1": 44.0,
                                                           "i2t_r1_ci": [39.0, 49.0]}))
-    out = runs / at.run_name(2, 0.0, 0, "s1_w0.2_seed0")
-    (out / "final").mkdir(parents=True)
-    (out / "summary.json").write_text(json.dumps({
-        "steps": 500, "wall_s": 900.0, "last_losses": {"vtm": 0.12},
-        "eval": {"before": {"all_frames": _time(0.25, 0.5)},
-                 "after": {"all_frames": _time(0.93, 0.99), "one_frame": _time(0.26, 0.5)}}}))
+    for variant, motion in ((None, 0.93), ("ho1", 0.91)):
+        out = runs / at.run_name(2, 0.0, 0, "s1_w0.2_seed0", variant)
+        (out / "final").mkdir(parents=True)
+        (out / "summary.json").write_text(json.dumps({
+            "steps": 500, "wall_s": 900.0, "last_losses": {"vtm": 0.12},
+            "eval": {"before": {"all_frames": _time(0.25, 0.5)},
+                     "after": {"all_frames": _time(motion, 0.99), "one_frame": _time(0.26, 0.5)}}}))
     at.main(["report", "--runs-dir", str(runs), "--out", str(tmp_path / "out")])
     md = (tmp_path / "out" / "ablate_time.md").read_text()
     assert "0.97 [0.87, 1.02]" in md and "0.52 [0.42, 0.57]" in md  # both stage-1 runs
+    assert "| --mirror-negatives 1 |" in md and "0.81 [0.71, 0.86]" in md  # the variant's own row
+    assert "0.100 / 0.004 | 0.61" in md  # relation: caption / image spread, image probe
     assert "0.93 [0.88, 0.95]" in md and "0.120" in md  # stage 2: motion, VTM loss
+    assert "| corpus seed 1 |" in md and "0.91 [0.86, 0.93]" in md  # the heldout run's rows
     rows = json.loads((tmp_path / "out" / "ablate_time.json").read_text())
-    assert [r["weight"] for r in rows["stage1"]] == [0.0, 0.2]
-    assert rows["stage2"][0]["clip"] == "s1_w0.2_seed0"
+    assert [(r["variant"], r["weight"]) for r in rows["stage1"]] == \
+        [("", 0.0), ("", 0.2), ("--mirror-negatives 1", 0.2)]
+    assert [(r["clip"], r["variant"]) for r in rows["stage2"]] == \
+        [("s1_w0.2_seed0", ""), ("s1_w0.2_seed0", "corpus seed 1")]
 
 
 def test_attribution_variants_are_valid_flags():
@@ -64,3 +77,17 @@ def test_attribution_variants_are_valid_flags():
         changed = [k for k in ("reverse_negatives", "motion_channel", "temporal_lr_mult", "swap_weight")
                    if getattr(a, k) != getattr(base, k)] + (["clip"] if swap_clip else [])
         assert len(changed) == 1, (tag, changed)
+
+
+def test_heldout_runs_train_on_another_seeds_clips_as_user_data(tmp_path, monkeypatch):
+    from hvfm import config
+    from hvfm.data.synthetic import clips
+    asked = []
+    monkeypatch.setattr(clips, "ensure_corpus", lambda **kw: asked.append(kw) or clips.CorpusPaths.of(tmp_path))
+    flags = at.heldout_flags(3)
+    assert asked[0]["seed"] == 3
+    args = config.parse_args(["--deepspeed", "ds_configs/z2.json", "--clip", str(tmp_path), *flags])
+    assert not config.is_builtin(args) and args.epochs == 2 and args.frames == 8
+    assert (args.train_csv, args.eval_json) == (str(clips.CorpusPaths.of(tmp_path).train_csv),
+                                                str(clips.CorpusPaths.of(tmp_path).test_json))
+    assert args.swap_weight == config.SWAP_WEIGHT["video"]  # the video stage's default recipe

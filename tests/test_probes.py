@@ -8,7 +8,7 @@ import torch
 
 from hvfm.data.synthetic import stills as si
 from hvfm.data.text.swap import SWAP
-from hvfm.evaluate import evaluate_probes, probe_lines, score_matrix
+from hvfm.evaluate import encode_videos, evaluate_probes, probe_lines, score_matrix
 from hvfm.data import read_annotations
 from hvfm.data.text.tokens import clean_caption
 from hvfm.model import VideoLanguageModel
@@ -78,4 +78,19 @@ def test_probe_files_and_their_evaluation(tmp_path):
         assert m[kind]["groups"] == 3
         lo, hi = m[kind]["own_vs_alt_ci"]
         assert lo <= m[kind]["own_vs_alt"] <= hi
-    assert len(probe_lines(m)) == len(si.PROBE_KINDS)
+    # the image tower's side, by hand from the stills' embeddings: twins 2g, 2g + 1
+    ann = read_annotations(root / "probes.json", root, clean=clean_caption)
+    vemb = encode_videos(model, tok, ann, list(range(len(entries))), frames=1, size=32)[0][0].double()
+    for kind in si.PROBE_KINDS:
+        idx = [i for i, e in enumerate(entries) if e["kind"] == kind]
+        spread = np.mean([1 - float(vemb[i] @ vemb[i + 1]) for i in idx[::2]])
+        assert m[kind]["image_spread"] == pytest.approx(spread, abs=1e-5)
+        acc = m[kind]["image_probe_acc"]
+        if kind == "colour":  # its twins' differing words name no common variant
+            assert acc is None
+        else:  # one group of 3 held out: 0, 1 or 2 of its stills read right
+            assert acc in (0.0, 0.5, 1.0) and m[kind]["image_probe_chance"] == 0.5
+    lines = probe_lines(m)
+    assert len(lines) == len(si.PROBE_KINDS)
+    assert all("image spread" in line for line in lines)
+    assert sum("image probe" in line for line in lines) == len(si.PROBE_KINDS) - 1
