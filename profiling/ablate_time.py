@@ -193,12 +193,14 @@ def run_flags(out):
 
 def variant_label(out, variant):
     """What a variant run changed, from its own flags where it can tell."""
-    mirror = run_flags(out).get("mirror_negatives") or 0
-    if variant and mirror:
-        return f"--mirror-negatives {mirror:g}"
-    if variant and variant.startswith(HELDOUT):
-        return f"corpus seed {variant[len(HELDOUT):]}"
-    return variant or ""
+    if not variant:
+        return ""
+    flags = run_flags(out)
+    said = [f"--{k.replace('_', '-')} {flags[k]:g}" for k in ("mirror_negatives", "vtm_hardness")
+            if flags.get(k)]
+    if variant.startswith(HELDOUT) and variant[len(HELDOUT):].isdigit():
+        said.insert(0, f"corpus seed {variant[len(HELDOUT):]}")
+    return ", ".join(said) or variant
 
 
 def stage1_rows(runs_dir):
