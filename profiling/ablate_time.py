@@ -185,6 +185,21 @@ def finished_runs(runs_dir, stage):
             yield out, name, json.loads((out / "summary.json").read_text())
 
 
+def vtm_tail(out, summary, steps=50):
+    """The VTM loss over a run's last `steps` steps (mean of the metrics.csv rows logged there),
+    or the summary's last logged value when the run has no metrics.csv."""
+    import csv
+    path = Path(out) / "metrics.csv"
+    if path.is_file():
+        with open(path, newline="") as f:
+            rows = [r for r in csv.DictReader(f) if r.get("vtm") not in (None, "")]
+        if rows:
+            last = int(rows[-1]["step"])
+            tail = [float(r["vtm"]) for r in rows if int(r["step"]) > last - steps]
+            return sum(tail) / len(tail)
+    return summary.get("last_losses", {}).get("vtm")
+
+
 def run_flags(out):
     """The flags of a run folder (its run_config.json), {} when it has none."""
     cfg = Path(out) / "run_config.json"
@@ -213,7 +228,7 @@ def stage1_rows(runs_dir):
 def stage2_rows(runs_dir):
     rows = [{"run": out.name, "weight": weight, "seed": seed, "clip": tag,
              "variant": variant_label(out, v), "steps": s["steps"],
-             "wall_min": s["wall_s"] / 60, "vtm_loss": s.get("last_losses", {}).get("vtm"),
+             "wall_min": s["wall_s"] / 60, "vtm_loss": vtm_tail(out, s),
              "before": s["eval"].get("before"), "after": s["eval"].get("after")}
             for out, (_, tag, weight, seed, v), s in finished_runs(runs_dir, 2)]
     return sorted(rows, key=lambda r: (r["variant"], r["clip"], r["weight"], r["seed"]))
@@ -228,14 +243,14 @@ def attribution_rows(runs_dir):
             s = json.loads((out / "summary.json").read_text())
             rows.append({"run": out.name, "variant": label, "seed": int(out.name.rsplit("seed", 1)[1]),
                          "steps": s["steps"], "wall_min": s["wall_s"] / 60,
-                         "vtm_loss": s.get("last_losses", {}).get("vtm"),
+                         "vtm_loss": vtm_tail(out, s),
                          "after": s["eval"].get("after")})
     return rows
 
 
 def attribution_table(rows):
     head = ["variant", "seed", "motion", "order", "1-frame motion", "1-frame order", "t2v R@1",
-            "v2t R@1", f"VTM loss (prior {VTM_PRIOR})"]
+            "v2t R@1", f"VTM loss, last 50 steps (prior {VTM_PRIOR})"]
     body = []
     for r in rows:
         a, o = r["after"]["all_frames"], r["after"].get("one_frame", {})
@@ -275,7 +290,7 @@ def _kind(r, kind):
 def stage2_table(rows):
     head = ["from image CLIP", "corpus", "swap weight (stage 2)", "seed", "model", "motion", "order",
             "1-frame motion", "1-frame order", "t2v R@1", "v2t R@1", "motion spread",
-            f"VTM loss (prior {VTM_PRIOR})"]
+            f"VTM loss, last 50 steps (prior {VTM_PRIOR})"]
     body, seen = [], set()
     for r in rows:
         for who, res in (("image CLIP", r["before"]), ("harvested", r["after"])):

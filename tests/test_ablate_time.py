@@ -46,6 +46,9 @@ def test_report_reads_the_runs(tmp_path):
             "steps": 500, "wall_s": 900.0, "last_losses": {"vtm": 0.12},
             "eval": {"before": {"all_frames": _time(0.25, 0.5)},
                      "after": {"all_frames": _time(motion, 0.99), "one_frame": _time(0.26, 0.5)}}}))
+        if variant:  # VTM over the last 50 steps from metrics.csv: rows 460..500, not 440 or 450
+            (out / "metrics.csv").write_text("step,vtm,mlm\n" + "".join(
+                f"{k},{0.9 if k < 460 else 0.2 + (k - 460) / 1000},1\n" for k in range(440, 501, 10)))
     at.main(["report", "--runs-dir", str(runs), "--out", str(tmp_path / "out")])
     md = (tmp_path / "out" / "ablate_time.md").read_text()
     assert "0.97 [0.87, 1.02]" in md and "0.52 [0.42, 0.57]" in md  # both stage-1 runs
@@ -53,6 +56,7 @@ def test_report_reads_the_runs(tmp_path):
     assert "0.100 / 0.004 | 0.61" in md  # relation: caption / image spread, image probe
     assert "0.93 [0.88, 0.95]" in md and "0.120" in md  # stage 2: motion, VTM loss
     assert "| corpus seed 1 |" in md and "0.91 [0.86, 0.93]" in md  # the heldout run's rows
+    assert "| 0.220 |" in md  # its VTM: mean of 0.20 .. 0.24
     rows = json.loads((tmp_path / "out" / "ablate_time.json").read_text())
     assert [(r["variant"], r["weight"]) for r in rows["stage1"]] == \
         [("", 0.0), ("", 0.2), ("--mirror-negatives 1", 0.2)]
