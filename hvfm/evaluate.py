@@ -447,10 +447,13 @@ def evaluate_probes(model, tokenizer, root, size=96, batch_size=32, workers=0,
     interval over groups (`n_boot` resamples); chance is 0.5 for both. Which tower is blind:
     `caption_spread` (text tower: 0 when the two captions map to one point), `image_spread` (the
     same for the two stills' embeddings: 0 when the image tower maps a still and its twin to one
-    point), and for the place kinds `image_probe_acc` / `image_probe_chance`, a linear probe
-    (`hvfm.metrics.linear_probe`, half the groups to fit) reading from the image embedding the
-    words its caption differs in ("left" or "right", "above" or "below"; None for colour, whose
-    differing words name no common variant)."""
+    point; mirrored relation stills keep their set of objects and of positions, so only an
+    image tower that binds objects to places tells them apart), and for the one-object place
+    kinds `image_probe_acc` / `image_probe_chance`, a linear probe (`hvfm.metrics.linear_probe`,
+    half the groups to fit) reading from the image embedding the words its caption differs in
+    ("left" or "right", "top" or "bottom"). None for relation (which object the caption names
+    first is the caption's choice, not the image's) and colour (its two colours name no common
+    variant)."""
     ann = read_annotations(Path(root) / "probes.json", root, clean=clean_caption)
     _, _, temb, vemb, _ = _encode_checked(model, tokenizer, ann, "raise", False, batch_size,
                                           progress, frames=1, size=size, workers=workers,
@@ -471,7 +474,7 @@ def evaluate_probes(model, tokenizer, root, size=96, batch_size=32, workers=0,
         own = group_bootstrap_ci(i2t[vid], groups[vid], n_boot, 0)
         pick = group_bootstrap_ci(t2i[rows], groups[text_video][rows], n_boot, 0)
         probe = None
-        if kind != "colour":
+        if kind.startswith("place"):
             labels = group_rank_labels([still_caption[int(v)] for v in np.nonzero(vid)[0]],
                                        groups[vid])
             probe = linear_probe(img[vid], labels, groups[vid])

@@ -268,16 +268,16 @@ def _probe_read(p):
 
 def stage1_table(rows):
     head = ["swap weight", "variant", "seed", "steps", "place l-r", "place t-b", "relation",
-            "colour", "relation: caption / image spread", "relation: image probe (chance 0.5)",
-            "t2i R@1", "i2t R@1", "train min"]
+            "colour", "caption / image spread: place l-r, relation",
+            "place l-r: image probe (chance 0.5)", "t2i R@1", "i2t R@1", "train min"]
     body = []
     for r in rows:
         p = r["probes"]
-        rel = p["relation"]
+        spread = ", ".join(f"{p[k]['caption_spread']:.2f} / {p[k].get('image_spread', float('nan')):.2f}"
+                           for k in ("place_lr", "relation"))
         body.append([f"{r['weight']:g}", r.get("variant") or "-", str(r["seed"]), str(r["steps"]),
                      *[_ci(p[k]["own_vs_alt"], p[k]["own_vs_alt_ci"]) for k in PROBE_KINDS],
-                     f"{rel['caption_spread']:.3f} / {rel.get('image_spread', float('nan')):.3f}",
-                     _probe_read(rel),
+                     spread, _probe_read(p["place_lr"]),
                      _ci(r["t2i_r1"], r["t2i_r1_ci"], ".1f"), _ci(r["i2t_r1"], r["i2t_r1_ci"], ".1f"),
                      f"{r['wall_min']:.1f}"])
     return markdown_table(head, body)

@@ -18,7 +18,7 @@ def test_run_names_round_trip():
 def _probe(x):
     return {k: {"own_vs_alt": x, "own_vs_alt_ci": [x - 0.1, x + 0.05], "t2i": x,
                 "t2i_ci": [x - 0.1, x], "caption_spread": 0.1, "image_spread": 0.004,
-                "image_probe_acc": None if k == "colour" else 0.61, "groups": 200, "chance": 0.5}
+                "image_probe_acc": 0.61 if k.startswith("place") else None, "groups": 200, "chance": 0.5}
             for k in at.PROBE_KINDS}
 
 
@@ -53,7 +53,7 @@ def test_report_reads_the_runs(tmp_path):
     md = (tmp_path / "out" / "ablate_time.md").read_text()
     assert "0.97 [0.87, 1.02]" in md and "0.52 [0.42, 0.57]" in md  # both stage-1 runs
     assert "| --mirror-negatives 1 |" in md and "0.81 [0.71, 0.86]" in md  # the variant's own row
-    assert "0.100 / 0.004 | 0.61" in md  # relation: caption / image spread, image probe
+    assert "0.10 / 0.00, 0.10 / 0.00 | 0.61" in md  # caption / image spreads, the image probe
     assert "0.93 [0.88, 0.95]" in md and "0.120" in md  # stage 2: motion, VTM loss
     assert "| corpus seed 1 |" in md and "0.91 [0.86, 0.93]" in md  # the heldout run's rows
     assert "| 0.220 |" in md  # its VTM: mean of 0.20 .. 0.24
