@@ -93,6 +93,9 @@ def attribution_variants():
         out.append((f"+ {name}", f"add{i}", swap_clip, BASE + flags))
     every = BASE + [x for _, _, f in ADDITIONS for x in f]
     out.append(("all together", "all", True, every))
+    # the additions interact (the term in stage 1 gives the video stage words to align; the LR
+    # multiplier lets the temporal embedding move): the one taken out of all of them is the first
+    out.append((f"all but the {ADDITIONS[0][0]}", "allbut0", False, every))
     return out
 
 

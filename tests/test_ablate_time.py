@@ -67,7 +67,7 @@ def test_report_reads_the_runs(tmp_path):
 def test_attribution_variants_are_valid_flags():
     from hvfm import config
     variants = at.attribution_variants()
-    assert len(variants) == len(at.ADDITIONS) + 2 and len({v[1] for v in variants}) == len(variants)
+    assert len(variants) == len(at.ADDITIONS) + 3 and len({v[1] for v in variants}) == len(variants)
     parsed = {tag: config.parse_args(["--deepspeed", "ds_configs/z2.json", *flags])
               for _, tag, _, flags in variants}
     base, every = parsed["base"], parsed["all"]
@@ -75,8 +75,11 @@ def test_attribution_variants_are_valid_flags():
         (0.0, False, 1.0, 0.0)
     assert (every.reverse_negatives, every.motion_channel, every.temporal_lr_mult) == (1.0, True, 100.0)
     assert every.swap_weight > 0
+    # all but the stage-1 term: the same flags as all, from the weight-0 image CLIP
+    assert variants[-1][1] == "allbut0" and variants[-1][3] == variants[-2][3]
+    assert variants[-2][2] and not variants[-1][2]
     # each "alone" variant differs from the base in exactly one thing
-    for _, tag, swap_clip, _ in variants[1:-1]:
+    for _, tag, swap_clip, _ in variants[1:-2]:
         a = parsed[tag]
         changed = [k for k in ("reverse_negatives", "motion_channel", "temporal_lr_mult", "swap_weight")
                    if getattr(a, k) != getattr(base, k)] + (["clip"] if swap_clip else [])
