@@ -18,13 +18,10 @@ from hvfm.data.transforms.device import prepare_batch
 from hvfm.data.loading.evaluation import EvalClipDataset, EvalCollator
 from hvfm.evaluate import evaluate, main
 from hvfm.metrics import dual_softmax, retrieval_metrics, topk_indices
-from hvfm.export import save_export
 from hvfm.load import load_export
-from hvfm.model import VideoLanguageModel
-from hvfm.model.testing import tiny_clip
+from exports import moved_export
 
 ROOT = Path(__file__).resolve().parents[1]
-BUILD = dict(fusion_layers=1, fusion_width=None, attn="sdpa", max_frames=8)
 FRAMES = ["--frames", "4", "--workers", "0"]
 
 
@@ -41,15 +38,9 @@ def env(tmp_path_factory):
     corpus = generate(root / "syn", n_train=1, n_test=6, frames=4, size=32, seed=0)
     ann = read_annotations(corpus.test_json, corpus.test_root, clean=clean_caption)
     tok = build_tokenizer(list(ann.pair_caption), root / "tok", vocab_size=400)
-    clip = tiny_clip(tok, dtype=torch.float32, max_positions=32)
+    clip = moved_export(root / "final", tok)
     clip.save_pretrained(root / "clip")
     tok.save_pretrained(root / "clip")
-    model = VideoLanguageModel.from_clip(clip, tok, **BUILD)
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    save_export(root / "final", model.state_dict(), clip.config, tok, BUILD)
     entries = json.loads(Path(corpus.test_json).read_text())
     return dict(root=root, corpus=corpus, entries=entries, ann=ann, clip=root / "clip",
                 final=root / "final", test_root=corpus.test_root, json=corpus.test_json)

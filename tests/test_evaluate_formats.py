@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from hvfm.data import Annotations, DataError, read_annotations
 from hvfm.data.loading.evaluation import read_eval_annotations
@@ -18,12 +17,9 @@ from hvfm.data.sources.formats import FORMATS, detect
 from hvfm.data.synthetic.clips import generate
 from hvfm.data.text.tokens import build_tokenizer, clean_caption
 from hvfm.evaluate import evaluate, evaluate_mc, main
-from hvfm.export import save_export
 from hvfm.load import load_export
-from hvfm.model import VideoLanguageModel
-from hvfm.model.testing import tiny_clip
+from exports import moved_export
 
-BUILD = dict(fusion_layers=1, fusion_width=None, attn="sdpa", max_frames=8)
 KW = dict(frames=4, size=32, workers=0)
 KEYS = [f"{d}_{k}" for d in ("t2v", "v2t") for k in ("r1", "r5", "r10", "medr", "meanr")]
 IDS = [7010 + 3 * i for i in range(6)]  # MSR-VTT video ids
@@ -45,13 +41,7 @@ def env(tmp_path_factory):
     clips = [Path(corpus.test_root) / e["video"] for e in entries]
     sentences = [[e["caption"], f"{e['caption']} and then it stops"] for e in entries]
     tok = build_tokenizer([s for ss in sentences for s in ss], root / "tok", vocab_size=400)
-    clip = tiny_clip(tok, dtype=torch.float32, max_positions=32)
-    model = VideoLanguageModel.from_clip(clip, tok, **BUILD)
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    save_export(root / "final", model.state_dict(), clip.config, tok, BUILD)
+    moved_export(root / "final", tok)
     model, tok = load_export(root / "final")
     return dict(root=root, clips=clips, sentences=sentences, model=model, tok=tok,
                 final=root / "final")
