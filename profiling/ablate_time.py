@@ -209,20 +209,23 @@ def run_flags(out):
     return json.loads(cfg.read_text()).get("args", {}) if cfg.is_file() else {}
 
 
-def variant_label(out, variant):
+def variant_label(out, variant, stage=2):
     """What a variant run changed, from its own flags where it can tell."""
     if not variant:
         return ""
+    from hvfm.config import BUILTIN_IMAGE
     flags = run_flags(out)
     said = [f"--{k.replace('_', '-')} {flags[k]:g}" for k in ("mirror_negatives", "vtm_hardness")
             if flags.get(k)]
+    if stage == 1 and flags.get("max_steps") not in (None, BUILTIN_IMAGE["max_steps"]):
+        said.append(f"--max-steps {flags['max_steps']}")
     if variant.startswith(HELDOUT) and variant[len(HELDOUT):].isdigit():
         said.insert(0, f"corpus seed {variant[len(HELDOUT):]}")
     return ", ".join(said) or variant
 
 
 def stage1_rows(runs_dir):
-    rows = [{"run": out.name, "weight": weight, "seed": seed, "variant": variant_label(out, v),
+    rows = [{"run": out.name, "weight": weight, "seed": seed, "variant": variant_label(out, v, 1),
              "steps": s["steps"], "wall_min": s["wall_s"] / 60, **stage1_eval(out, seed)}
             for out, (_, _, weight, seed, v), s in finished_runs(runs_dir, 1)]
     return sorted(rows, key=lambda r: (r["variant"], r["weight"], r["seed"]))

@@ -30,11 +30,13 @@ def _time(motion, order):
 
 def test_report_reads_the_runs(tmp_path):
     runs = tmp_path / "runs"
-    for w, s, place, variant in ((0.2, 0, 0.97, None), (0.0, 0, 0.52, None), (0.2, 0, 0.81, "mirror1")):
+    for w, s, place, variant in ((0.2, 0, 0.97, None), (0.0, 0, 0.52, None), (0.2, 0, 0.81, "mirror1"),
+                                 (0.2, 0, 0.64, "long")):
         out = runs / at.run_name(1, w, s, variant=variant)
         (out / "final").mkdir(parents=True)
         if variant:
-            (out / "run_config.json").write_text(json.dumps({"args": {"mirror_negatives": 1.0}}))
+            flags = {"mirror1": {"mirror_negatives": 1.0, "max_steps": 1200}, "long": {"max_steps": 2400}}
+            (out / "run_config.json").write_text(json.dumps({"args": flags[variant]}))
         (out / "summary.json").write_text(json.dumps({"steps": 1200, "wall_s": 600.0}))
         (out / "ablate_eval.json").write_text(json.dumps({"probes": _probe(place), "t2i_r1": 45.0,
                                                           "t2i_r1_ci": [40.0, 50.0], "i2t_r1": 44.0,
@@ -59,7 +61,7 @@ def test_report_reads_the_runs(tmp_path):
     assert "| 0.220 |" in md  # its VTM: mean of 0.20 .. 0.24
     rows = json.loads((tmp_path / "out" / "ablate_time.json").read_text())
     assert [(r["variant"], r["weight"]) for r in rows["stage1"]] == \
-        [("", 0.0), ("", 0.2), ("--mirror-negatives 1", 0.2)]
+        [("", 0.0), ("", 0.2), ("--max-steps 2400", 0.2), ("--mirror-negatives 1", 0.2)]
     assert [(r["clip"], r["variant"]) for r in rows["stage2"]] == \
         [("s1_w0.2_seed0", ""), ("s1_w0.2_seed0", "corpus seed 1")]
 
